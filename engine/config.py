@@ -1,0 +1,89 @@
+"""Frozen configuration of the model and the engine. Pure Python (the server imports it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family or Qwen3-family decoder (Qwen3 adds per-head q/k RMSNorm)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position: int = 8192
+    tie_word_embeddings: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
+    attention_bias: bool = False  # Qwen2-style q/k/v bias
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    name: str = "model"
+
+    def __post_init__(self) -> None:
+        assert self.num_heads % self.num_kv_heads == 0, "GQA needs num_heads % num_kv_heads == 0"
+        assert self.hidden_size > 0 and self.head_dim > 0 and self.num_layers > 0
+
+    @classmethod
+    def from_hf(cls, hf: dict, name: str = "model") -> ModelConfig:
+        """Build from a Hugging Face config.json dict (llama, qwen2, qwen3, mistral)."""
+        model_type = hf.get("model_type", "llama")
+        if model_type not in ("llama", "qwen2", "qwen3", "mistral"):
+            raise ValueError(f"unsupported model_type {model_type!r}: Llama or Qwen3 families only")
+        heads = hf["num_attention_heads"]
+        rope = hf.get("rope_parameters") or {}
+        if (hf.get("rope_scaling") or rope.get("rope_type", "default")) not in (None, "default"):
+            raise ValueError("rope scaling is not supported yet")
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            max_position=hf.get("max_position_embeddings", 8192),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            qk_norm=model_type == "qwen3",
+            attention_bias=model_type == "qwen2" or hf.get("attention_bias", False),
+            eos_token_ids=eos_ids,
+            bos_token_id=hf.get("bos_token_id"),
+            name=name,
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs. `model` is an HF checkpoint dir, a .gguf file, or "" for the default."""
+
+    model: str = ""
+    served_model_name: str = ""  # name clients use; defaults to the model's name
+    dtype: str = "auto"  # auto: bf16 where the device runs it fast, else float32
+    device: str = "auto"  # auto: cuda if present, else cpu
+    kv_block_size: int = 16  # tokens per KV page
+    num_kv_blocks: int = 0  # 0: size the pool from kv_cache_tokens
+    kv_cache_tokens: int = 65536  # KV capacity in tokens when num_kv_blocks == 0
+    max_model_len: int = 0  # 0: the model's max_position
+    max_num_seqs: int = 64  # running requests per step
+    max_num_batched_tokens: int = 512  # per-step token budget (decode tokens + prefill chunks)
+    max_waiting: int = 256  # bound of the waiting queue; beyond it requests are rejected (429)
+    num_threads: int = 0  # CPU threads for torch; 0 keeps torch's default
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.kv_block_size < 1 or self.max_num_seqs < 1 or self.max_waiting < 0:
+            raise ValueError("kv_block_size and max_num_seqs must be >= 1, max_waiting >= 0")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs (one decode token each)")

@@ -1,0 +1,138 @@
+"""The engine: requests in, one batched model step at a time, token deltas out.
+
+    step(): schedule -> run the model -> append sampled tokens -> finish and free -> report
+Used directly by tests and by the engine process loop (engine/process.py).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from engine.batcher import Batcher
+from engine.config import EngineConfig, ModelConfig
+from engine.kv_cache import BlockPool, blocks_for
+from engine.messages import AddRequest, EngineInfo, EngineStats, RequestOutput
+from engine.model_runner import ModelRunner
+from engine.request import Request
+from engine.weights import load_model_config, load_state_dict, resolve_checkpoint
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, model_cfg: ModelConfig,
+                 state: dict[str, torch.Tensor], tokenizer_dir: str = "") -> None:
+        self.config = config
+        self.model_cfg = model_cfg
+        self.tokenizer_dir = tokenizer_dir
+        num_blocks = config.num_kv_blocks or blocks_for(config.kv_cache_tokens, config.kv_block_size)
+        self.pool = BlockPool(num_blocks, config.kv_block_size)
+        self.batcher = Batcher(config, self.pool)
+        self.runner = ModelRunner(model_cfg, state, config, num_blocks)
+        limit = config.max_model_len or model_cfg.max_position
+        self.max_model_len = min(limit, model_cfg.max_position, num_blocks * config.kv_block_size)
+        self.requests: dict[str, Request] = {}
+        self.last_step_tokens = 0
+        self.last_step_seconds = 0.0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> EngineCore:
+        ckpt, name = resolve_checkpoint(config.model)
+        model_cfg = load_model_config(ckpt, config.served_model_name or name)
+        return cls(config, model_cfg, load_state_dict(ckpt), tokenizer_dir=str(ckpt))
+
+    # ---- requests --------------------------------------------------------------------------
+    def add(self, message: AddRequest) -> RequestOutput:
+        """Queue a request; returns the ack (no tokens) or a rejection."""
+        rid, prompt = message.request_id, list(message.prompt_token_ids)
+        error = None
+        if rid in self.requests:
+            error = f"duplicate request id {rid}"
+        elif not prompt or len(prompt) >= self.max_model_len:
+            error = f"prompt of {len(prompt)} tokens does not fit the context of {self.max_model_len}"
+        elif any(not 0 <= t < self.model_cfg.vocab_size for t in prompt):
+            error = "prompt token id out of the vocabulary"
+        if error is None:
+            request = Request(rid, prompt, message.params, user=message.user)
+            if self.batcher.add(request):
+                self.requests[rid] = request
+                return RequestOutput(rid, (), num_prompt_tokens=len(prompt))
+            error = "the engine's waiting queue is full"
+        return RequestOutput(rid, (), finish_reason="rejected", error=error)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.batcher.remove(request)
+        request.finish("abort")
+        return RequestOutput(request_id, request.take_new_tokens(), finish_reason="abort")
+
+    @property
+    def has_work(self) -> bool:
+        return self.batcher.has_work
+
+    # ---- one step --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
+        batch = self.batcher.schedule()
+        if not batch.requests:
+            return []
+        result = self.runner.execute(batch)
+        outputs = []
+        for row, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            request.num_computed_tokens += n
+            if row in result.sampled:
+                request.append_token(result.sampled[row])
+                self._check_finished(request)
+                outputs.append(self._output(request))
+        self.last_step_tokens = batch.total_tokens
+        self.last_step_seconds = time.perf_counter() - start
+        return outputs
+
+    def _check_finished(self, request: Request) -> None:
+        token, params = request.output_token_ids[-1], request.params
+        if token in params.stop_token_ids or (
+                not params.ignore_eos and token in self.model_cfg.eos_token_ids):
+            request.finish("stop")
+        elif len(request.output_token_ids) >= params.max_tokens:
+            request.finish("length")
+        elif request.num_tokens >= self.max_model_len:
+            request.finish("length")
+        if request.is_finished:
+            self.batcher.remove(request)
+            del self.requests[request.request_id]
+
+    def _output(self, request: Request) -> RequestOutput:
+        return RequestOutput(request.request_id, request.take_new_tokens(),
+                             finish_reason=request.finish_reason,
+                             num_prompt_tokens=len(request.prompt_token_ids))
+
+    # ---- reporting -------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.batcher.running), num_waiting=len(self.batcher.waiting),
+            kv_blocks_total=self.pool.num_blocks, kv_blocks_free=self.pool.num_free,
+            num_preemptions=self.batcher.num_preemptions, step_tokens=self.last_step_tokens,
+            step_seconds=self.last_step_seconds)
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            model_name=self.model_cfg.name, max_model_len=self.max_model_len,
+            eos_token_ids=self.model_cfg.eos_token_ids, vocab_size=self.model_cfg.vocab_size,
+            dtype=str(self.runner.dtype).removeprefix("torch."), device=str(self.runner.device),
+            kv_blocks_total=self.pool.num_blocks, max_waiting=self.config.max_waiting,
+            tokenizer_dir=self.tokenizer_dir)
+
+    def generate(self, prompts: list[list[int]], params) -> list[list[int]]:
+        """Offline batch generation (tests, benchmarks): all prompts run concurrently."""
+        ids = [f"offline-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        for rid, prompt, p in zip(ids, prompts, plist):
+            ack = self.add(AddRequest(rid, tuple(prompt), p))
+            if ack.finish_reason == "rejected":
+                raise ValueError(ack.error)
+        results: dict[str, list[int]] = {rid: [] for rid in ids}
+        while self.has_work:
+            for out in self.step():
+                results[out.request_id].extend(out.new_token_ids)
+        return [results[rid] for rid in ids]

