@@ -73,7 +73,7 @@ class EngineConfig:
     device: str = "auto"  # auto: cuda if present, else cpu
     kv_block_size: int = 16  # tokens per KV page
     num_kv_blocks: int = 0  # 0: size the pool from kv_cache_tokens
-    kv_cache_tokens: int = 65536  # KV capacity in tokens when num_kv_blocks == 0
+    kv_cache_tokens: int = 32768  # KV capacity in tokens when num_kv_blocks == 0
     max_model_len: int = 0  # 0: the model's max_position
     max_num_seqs: int = 64  # running requests per step
     max_num_batched_tokens: int = 512  # per-step token budget (decode tokens + prefill chunks)

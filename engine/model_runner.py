@@ -12,7 +12,7 @@ import torch
 
 from engine.batcher import ScheduledBatch
 from engine.config import EngineConfig, ModelConfig
-from engine.model import CausalLM
+from engine.model import CausalLM, Linear
 from engine.sampler import sample
 from kernels.attention import build_attention_batch
 
@@ -21,6 +21,15 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -52,9 +61,16 @@ class ModelRunner:
         model.load_hf_state_dict(state)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.rope.float()  # RoPE tables stay float32, cast per use as Hugging Face does
+        emulated_bf16 = (self.device.type == "cpu" and self.dtype == torch.bfloat16
+                         and not cpu_has_native_bf16())
+        if emulated_bf16:  # bf16 storage, float32 arithmetic where bf16 kernels are slow
+            for module in self.model.modules():
+                if isinstance(module, Linear):
+                    module.keep_fp32_shadow()  # batched steps use fp32 GEMMs (see Linear)
+        self.kv_dtype = torch.float32 if emulated_bf16 else self.dtype
         slots = num_blocks * self.block_size
         shape = (model_cfg.num_layers, 2, slots, model_cfg.num_kv_heads, model_cfg.head_dim)
-        self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)  # [L, 2, slots, Hkv, D]
+        self.kv = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)  # [L, 2, slots, Hkv, D]
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(model_cfg.num_layers)]
 
     @torch.inference_mode()

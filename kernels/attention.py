@@ -103,21 +103,26 @@ def _ref_group(rows, starts, query_lens, seq_lens, block_tables, bs, device) -> 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """k_cache, v_cache: [num_slots, Hkv, D]; k, v: [T, Hkv, D]; slot_mapping: [T]."""
-    k_cache.index_copy_(0, slot_mapping, k)
-    v_cache.index_copy_(0, slot_mapping, v)
+    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     batch: AttentionBatch, scale: float) -> torch.Tensor:
-    """q: [T, H, D]; caches: [num_slots, Hkv, D] (new tokens already stored) -> [T, H, D]."""
+    """q: [T, H, D]; caches: [num_slots, Hkv, D] (new tokens already stored) -> [T, H, D].
+
+    Attention runs in the cache's dtype (float32 caches serve bf16 models on CPUs whose bf16
+    SDPA is slow) and the result comes back in q's dtype."""
     T, H, D = q.shape
+    qc = q.to(k_cache.dtype)
     if len(batch.groups) == 1 and batch.groups[0].dense:
-        return _attend_group(q, k_cache, v_cache, batch.groups[0], scale).reshape(T, H, D)
-    out = torch.empty_like(q)
+        out = _attend_group(qc, k_cache, v_cache, batch.groups[0], scale).reshape(T, H, D)
+        return out.to(q.dtype)
+    out = torch.empty_like(qc)
     for g in batch.groups:
-        og = _attend_group(q.index_select(0, g.q_index), k_cache, v_cache, g, scale)
+        og = _attend_group(qc.index_select(0, g.q_index), k_cache, v_cache, g, scale)
         out.index_copy_(0, g.q_dst, og.reshape(-1, H, D).index_select(0, g.q_src))
-    return out
+    return out.to(q.dtype)
 
 
 def _attend_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: RefGroup,

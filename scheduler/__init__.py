@@ -1,0 +1,1 @@
+"""The prefix-scheduler process (calibration, throughput curve, allocation): not built yet."""

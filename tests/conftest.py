@@ -44,3 +44,41 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 def make_tokenizer_dir():
     """The builder itself, for tests that need a variant (another template, add_bos_token)."""
     return build_tokenizer_dir
+
+
+# ---- a tiny random Llama checkpoint with the tokenizer above, for engine tests -----------------
+TINY_VOCAB = 320  # >= the tokenizer's ~306 tokens; ids past it are never produced by text
+
+
+def build_tiny_llama_dir(directory: Path, seed: int = 0) -> Path:
+    """A 2-layer random Llama (GQA 4/2 heads) saved with save_pretrained next to the tokenizer.
+    initializer_range 0.2 spreads the logits so greedy picks have clear margins (no near-ties
+    between our engine and transformers)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    build_tokenizer_dir(directory)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        initializer_range=0.2, bos_token_id=0, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return build_tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run torch single-threaded: the tiny models' matmuls are microseconds, and on a shared
+    2-core machine OpenMP's thread barriers make them 1000x slower. Only speed changes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

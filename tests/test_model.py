@@ -1,0 +1,154 @@
+"""Our CausalLM against transformers' Llama / Qwen3 / Qwen2 on tiny random configs, in fp32:
+full prompts, chunked prefill then decode through a shuffled paged KV pool, several requests in
+one flattened batch, and captured hidden states."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
+
+from engine.config import ModelConfig
+from engine.model import CausalLM
+from kernels.attention import build_attention_batch
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+VOCAB, BLOCK, NUM_BLOCKS = 128, 4, 32
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+HF_MODELS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, rope_theta=500.0)),
+    "llama_tied": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=True)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=32)),  # head_dim != 64 / 4
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON)),  # q/k/v biases
+}
+
+
+@pytest.fixture(scope="module", params=list(HF_MODELS))
+def pair(request):
+    """(transformers model, our CausalLM with its weights), fp32, eval."""
+    torch.manual_seed(0)
+    hf = HF_MODELS[request.param]().eval()
+    cfg = ModelConfig.from_hf(json.loads(hf.config.to_json_string()))
+    ours = CausalLM(cfg)
+    ours.load_hf_state_dict(hf.state_dict())
+    ours.eval()
+    assert cfg.qk_norm == (request.param == "qwen3")
+    return hf, ours
+
+
+class PagedRun:
+    """Drives CausalLM forwards over a KV pool whose blocks are handed out in shuffled order."""
+
+    def __init__(self, model: CausalLM, seed: int = 0) -> None:
+        cfg = model.cfg
+        self.model = model
+        shape = (NUM_BLOCKS * BLOCK, cfg.num_kv_heads, cfg.head_dim)
+        self.kv = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_layers)]
+        self.free = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(seed)).tolist()
+        self.tables: dict[str, list[int]] = {}
+        self.cached: dict[str, int] = {}
+
+    @torch.inference_mode()
+    def forward(self, chunks: dict[str, list[int]], capture=()):
+        """One flattened forward of each request's next tokens; logits of every token."""
+        for name, ids in chunks.items():
+            total = self.cached.get(name, 0) + len(ids)
+            table = self.tables.setdefault(name, [])
+            while len(table) * BLOCK < total:
+                table.append(self.free.pop())
+        seq_lens = [self.cached.get(n, 0) + len(ids) for n, ids in chunks.items()]
+        batch = build_attention_batch([len(ids) for ids in chunks.values()], seq_lens,
+                                      [self.tables[n] for n in chunks], BLOCK, torch.device("cpu"))
+        flat = torch.tensor([t for ids in chunks.values() for t in ids])
+        logits, hidden = self.model(flat, batch.token_pos, self.kv, batch,
+                                    torch.arange(len(flat)), capture)
+        for name, s in zip(chunks, seq_lens):
+            self.cached[name] = s
+        return logits, hidden
+
+
+@torch.inference_mode()
+def hf_logits(hf, ids: list[int]) -> torch.Tensor:
+    return hf(torch.tensor([ids])).logits[0]
+
+
+def random_ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_full_prompt_logits_match(pair):
+    hf, ours = pair
+    ids = random_ids(37, seed=1)
+    logits, hidden = PagedRun(ours).forward({"a": ids})
+    assert hidden is None
+    close(logits, hf_logits(hf, ids))
+
+
+def test_chunked_prefill_then_decode_matches(pair):
+    """A 30-token sequence fed as prefill chunks of 7, 9, 11 and then 3 single-token decodes."""
+    hf, ours = pair
+    ids = random_ids(30, seed=2)
+    ref = hf_logits(hf, ids)
+    run, start = PagedRun(ours, seed=5), 0
+    for n in (7, 9, 11, 1, 1, 1):
+        logits, _ = run.forward({"a": ids[start:start + n]})
+        close(logits, ref[start:start + n])
+        start += n
+    assert sorted(run.tables["a"]) != run.tables["a"] or len(run.tables["a"]) == 1  # shuffled pool
+
+
+def test_requests_of_different_lengths_in_one_batch(pair):
+    """a's first 10 tokens run alone; then a's last 3, b's 5-token prompt and c's 19 go together."""
+    hf, ours = pair
+    a, b, c = random_ids(13, seed=3), random_ids(5, seed=4), random_ids(19, seed=6)
+    run = PagedRun(ours, seed=7)
+    run.forward({"a": a[:10]})
+    logits, _ = run.forward({"a": a[10:], "b": b, "c": c})
+    close(logits[:3], hf_logits(hf, a)[10:])
+    close(logits[3:8], hf_logits(hf, b))
+    close(logits[8:], hf_logits(hf, c))
+
+
+def test_captured_hidden_states_match_hf(pair):
+    hf, ours = pair
+    ids = random_ids(21, seed=8)
+    with torch.inference_mode():
+        ref = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    capture = (0, 2, 1)  # 0 = embeddings, i = output of layer i (i < num_layers)
+    run = PagedRun(ours)
+    _, first = run.forward({"a": ids[:12]}, capture)
+    _, rest = run.forward({"a": ids[12:]}, capture)
+    hidden = torch.cat([first, rest])  # [T, 3, d]
+    assert hidden.shape == (21, 3, ours.cfg.hidden_size)
+    for j, layer in enumerate(sorted(capture)):  # captured in layer order
+        close(hidden[:, j], ref[layer][0])
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "mixtral", "gemma"])
+def test_from_hf_rejects_unsupported_model_type(model_type):
+    hf = {"model_type": model_type, **COMMON, "num_hidden_layers": 2}
+    with pytest.raises(ValueError, match="unsupported model_type"):
+        ModelConfig.from_hf(hf)
+
+
+def test_from_hf_rejects_rope_scaling():
+    hf = {"model_type": "llama", **COMMON,
+          "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    with pytest.raises(ValueError, match="rope scaling"):
+        ModelConfig.from_hf(hf)
+
+
+def test_load_rejects_a_missing_tensor(pair):
+    hf, ours = pair
+    state = dict(hf.state_dict())
+    del state["model.layers.1.mlp.down_proj.weight"]
+    with pytest.raises(ValueError, match="lacks"):
+        CausalLM(ours.cfg).load_hf_state_dict(state)
