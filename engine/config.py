@@ -19,10 +19,16 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_type: str = "default"  # or "llama3" (Llama 3.1+ frequency scaling)
+    rope_factor: float = 1.0  # llama3: long wavelengths are divided by this
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
     max_position: int = 8192
     tie_word_embeddings: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
-    attention_bias: bool = False  # Qwen2-style q/k/v bias
+    attention_bias: bool = False  # bias on q/k/v (Qwen2; Llama with attention_bias)
+    o_proj_bias: bool = False  # bias on the output projection too (Llama with attention_bias)
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     name: str = "model"
@@ -38,9 +44,14 @@ class ModelConfig:
         if model_type not in ("llama", "qwen2", "qwen3", "mistral"):
             raise ValueError(f"unsupported model_type {model_type!r}: Llama or Qwen3 families only")
         heads = hf["num_attention_heads"]
-        rope = hf.get("rope_parameters") or {}
-        if (hf.get("rope_scaling") or rope.get("rope_type", "default")) not in (None, "default"):
-            raise ValueError("rope scaling is not supported yet")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"rope scaling {rope_type!r} is not supported (default and llama3 are)")
+        max_position = hf.get("max_position_embeddings", 8192)
+        window = hf.get("sliding_window")
+        if window and hf.get("use_sliding_window", model_type == "mistral"):
+            max_position = min(max_position, window)  # inside the window, full attention agrees
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
@@ -53,10 +64,16 @@ class ModelConfig:
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-            max_position=hf.get("max_position_embeddings", 8192),
+            rope_type=rope_type,
+            rope_factor=rope.get("factor", 1.0),
+            rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
+            rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
+            rope_original_max_position=rope.get("original_max_position_embeddings", 8192),
+            max_position=max_position,
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             qk_norm=model_type == "qwen3",
             attention_bias=model_type == "qwen2" or hf.get("attention_bias", False),
+            o_proj_bias=model_type in ("llama", "mistral") and hf.get("attention_bias", False),
             eos_token_ids=eos_ids,
             bos_token_id=hf.get("bos_token_id"),
             name=name,

@@ -127,9 +127,11 @@ class EngineCore:
         """Offline batch generation (tests, benchmarks): all prompts run concurrently."""
         ids = [f"offline-{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        for rid, prompt, p in zip(ids, prompts, plist):
+        for i, (rid, prompt, p) in enumerate(zip(ids, prompts, plist)):
             ack = self.add(AddRequest(rid, tuple(prompt), p))
             if ack.finish_reason == "rejected":
+                for added in ids[:i]:  # nothing of this call stays queued
+                    self.abort(added)
                 raise ValueError(ack.error)
         results: dict[str, list[int]] = {rid: [] for rid in ids}
         while self.has_work:

@@ -7,6 +7,8 @@ checkpoint's state dict loads directly; q/k/v and gate/up are fused into one mat
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,13 +55,26 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """RoPE, rotate-half convention: x*cos + rotate_half(x)*sin, angles pos / theta^(2i/D)."""
 
-    def __init__(self, head_dim: int, theta: float, max_position: int) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
-        angles = torch.outer(torch.arange(max_position).float(), inv_freq)  # [P, D/2]
+        self.cfg = cfg
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.reset_tables()
+
+    def reset_tables(self) -> None:
+        """(Re)compute the float32 tables on the module's device (skipped on the meta device)."""
+        device = self.cos.device
+        if device.type == "meta":
+            return
+        d = self.cfg.head_dim
+        exponents = torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d
+        inv_freq = 1.0 / self.cfg.rope_theta ** exponents  # [D/2]
+        if self.cfg.rope_type == "llama3":
+            inv_freq = llama3_scaled(inv_freq, self.cfg)
+        angles = torch.outer(torch.arange(self.cfg.max_position, device=device).float(), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # [P, D]
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.cos, self.sin = angles.cos(), angles.sin()
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for the batch's positions [T] -> each [T, 1, D] (once per forward)."""
@@ -74,6 +89,19 @@ class Rotary(nn.Module):
         return x * cos + rotated * sin
 
 
+def llama3_scaled(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Llama 3.1 RoPE scaling. With wavelength w = 2*pi / f and original context L:
+    w < L / high_freq_factor: f kept; w > L / low_freq_factor: f / factor; in between, a linear
+    blend s * f + (1 - s) * f / factor with s = (L / w - low) / (high - low)."""
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    length = cfg.rope_original_max_position
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((length / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    blended = smooth * inv_freq + (1 - smooth) * inv_freq / cfg.rope_factor
+    out = torch.where(wavelen > length / low, inv_freq / cfg.rope_factor, blended)
+    return torch.where(wavelen < length / high, inv_freq, out)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -82,7 +110,7 @@ class Attention(nn.Module):
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=cfg.attention_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -141,7 +169,7 @@ class CausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rope = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position)
+        self.rope = Rotary(cfg)
 
     def forward(
         self,
@@ -163,6 +191,19 @@ class CausalLM(nn.Module):
         logits = self.lm_head(self.norm(h[logits_indices])).float()  # [S, V]
         hidden = torch.stack(captured, dim=1) if captured else None
         return logits, hidden
+
+    @classmethod
+    def from_hf_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor],
+                           device: torch.device, dtype: torch.dtype) -> CausalLM:
+        """Build without random initialisation (meta device), then copy the checkpoint in."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device=device).to(dtype)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.load_hf_state_dict(state)
+        model.rope.reset_tables()  # float32, cast per use as Hugging Face does
+        return model.eval()
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load Hugging Face names (model.layers.i.self_attn.q_proj.weight, ...), fusing q/k/v

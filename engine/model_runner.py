@@ -57,10 +57,7 @@ class ModelRunner:
         self.dtype = pick_dtype(config.dtype, self.device)
         self.block_size = config.kv_block_size
         self.model_cfg = model_cfg
-        model = CausalLM(model_cfg)
-        model.load_hf_state_dict(state)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        self.model.rope.float()  # RoPE tables stay float32, cast per use as Hugging Face does
+        self.model = CausalLM.from_hf_state_dict(model_cfg, state, self.device, self.dtype)
         emulated_bf16 = (self.device.type == "cpu" and self.dtype == torch.bfloat16
                          and not cpu_has_native_bf16())
         if emulated_bf16:  # bf16 storage, float32 arithmetic where bf16 kernels are slow
@@ -70,7 +67,10 @@ class ModelRunner:
         self.kv_dtype = torch.float32 if emulated_bf16 else self.dtype
         slots = num_blocks * self.block_size
         shape = (model_cfg.num_layers, 2, slots, model_cfg.num_kv_heads, model_cfg.head_dim)
-        self.kv = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)  # [L, 2, slots, Hkv, D]
+        # [L, 2, slots, Hkv, D]. Only slots a request wrote are read, plus slot 0 as the
+        # (masked) padding key, which must hold finite numbers: so only the first block is zeroed.
+        self.kv = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
+        self.kv[:, :, :self.block_size].zero_()
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(model_cfg.num_layers)]
 
     @torch.inference_mode()

@@ -147,7 +147,10 @@ class EngineClient:
                 message = self._conn.recv()
             except (EOFError, OSError):
                 message = EngineError("engine process exited")
-            self._loop.call_soon_threadsafe(self._dispatch, message)
+            try:
+                self._loop.call_soon_threadsafe(self._dispatch, message)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                return
             if isinstance(message, EngineError):
                 return
 

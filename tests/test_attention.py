@@ -35,6 +35,7 @@ def random_case(query_lens, context_lens, block_size, dtype=torch.float32, seed=
 MIXES = {
     "decodes": ([1, 1, 1, 1], [5, 17, 0, 33]),
     "verification": ([3, 8, 5], [12, 1, 40]),
+    "equal_queries": ([3, 3, 3], [5, 0, 9]),  # one padded call with no padding
     "prefill_no_context": ([40], [0]),
     "prefill_with_context": ([29], [21]),
     "mixed": ([1, 40, 4, 1, 23, 8, 17], [30, 0, 9, 3, 13, 0, 16]),
@@ -90,3 +91,20 @@ def test_store_kv_writes_each_token_at_its_slot():
     assert torch.equal(k_cache[[9, 2, 5]], k) and torch.equal(v_cache[[9, 2, 5]], v)
     untouched = [i for i in range(12) if i not in (9, 2, 5)]
     assert torch.equal(k_cache[untouched], before_k[untouched])
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_slots_no_request_wrote_are_never_read(block_size):
+    """The runner leaves the pool uninitialised except block 0 (the masked padding key): NaN in
+    every other slot no request wrote (free blocks, the tails of last blocks) must not leak."""
+    q, k_cache, v_cache, batch = random_case(*MIXES["mixed"], block_size, seed=11)
+    written = torch.zeros(k_cache.shape[0], dtype=torch.bool)
+    written[:block_size] = True  # block 0 is zeroed by the runner
+    for r, s in enumerate(batch.seq_lens.tolist()):
+        pos = torch.arange(s)
+        written[batch.block_tables[r][pos // block_size] * block_size + pos % block_size] = True
+    assert not written.all()  # there is something to poison
+    k_cache[~written], v_cache[~written] = float("nan"), float("nan")
+    out = paged_attention(q, k_cache, v_cache, batch, scale=D ** -0.5)
+    ref = attention_oracle(q, k_cache, v_cache, batch, scale=D ** -0.5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                          Qwen3ForCausalLM)
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from engine.config import ModelConfig
 from engine.model import CausalLM
@@ -22,9 +22,23 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden
 HF_MODELS = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, rope_theta=500.0)),
     "llama_tied": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, tie_word_embeddings=True)),
+    # Llama 3.1 RoPE scaling; with D=16, theta 500, L=32 the frequencies fall in all three bands
+    "llama3_rope": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=32)),  # head_dim != 64 / 4
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON)),  # q/k/v biases
+    "llama_bias": lambda: _with_random_biases(LlamaForCausalLM(LlamaConfig(**COMMON, attention_bias=True))),
 }
+
+
+def _with_random_biases(model):
+    """Llama with attention_bias has q/k/v/o biases; HF inits them to zero, which would hide a
+    bias we failed to apply."""
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            torch.nn.init.normal_(param, std=0.5)
+    return model
 
 
 @pytest.fixture(scope="module", params=list(HF_MODELS))
@@ -102,7 +116,6 @@ def test_chunked_prefill_then_decode_matches(pair):
         logits, _ = run.forward({"a": ids[start:start + n]})
         close(logits, ref[start:start + n])
         start += n
-    assert sorted(run.tables["a"]) != run.tables["a"] or len(run.tables["a"]) == 1  # shuffled pool
 
 
 def test_requests_of_different_lengths_in_one_batch(pair):
@@ -139,11 +152,36 @@ def test_from_hf_rejects_unsupported_model_type(model_type):
         ModelConfig.from_hf(hf)
 
 
-def test_from_hf_rejects_rope_scaling():
-    hf = {"model_type": "llama", **COMMON,
-          "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
-    with pytest.raises(ValueError, match="rope scaling"):
-        ModelConfig.from_hf(hf)
+@pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4},
+                                  {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}])
+def test_from_hf_rejects_unsupported_rope_scaling(rope):
+    with pytest.raises(ValueError, match="rope"):
+        ModelConfig.from_hf({"model_type": "llama", **COMMON, "rope_parameters": rope})
+    with pytest.raises(ValueError, match="rope"):  # the older transformers 4 key
+        ModelConfig.from_hf({"model_type": "llama", **COMMON, "rope_scaling": rope})
+
+
+def test_sliding_window_is_not_silently_ignored():
+    """Mistral's sliding window (4096 by default, 8 here): past it, transformers attends to the
+    last 8 keys only and our full attention differs. from_hf must refuse such a model or cap
+    the context at the window, inside which the two agree."""
+    torch.manual_seed(0)
+    hf = MistralForCausalLM(MistralConfig(**COMMON, sliding_window=8)).eval()
+    try:
+        cfg = ModelConfig.from_hf(json.loads(hf.config.to_json_string()))
+    except ValueError:
+        return
+    assert cfg.max_position <= 8, "positions past the sliding window would be computed wrongly"
+    ours = CausalLM(cfg)
+    ours.load_hf_state_dict(hf.state_dict())
+    ids = random_ids(cfg.max_position, seed=9)
+    close(PagedRun(ours.eval()).forward({"a": ids})[0], hf_logits(hf, ids))
+
+
+def test_inactive_qwen_sliding_window_keeps_the_full_context():
+    """Qwen2/Qwen3 configs carry a sliding_window that applies only with use_sliding_window."""
+    hf = {"model_type": "qwen2", **COMMON, "sliding_window": 4, "use_sliding_window": False}
+    assert ModelConfig.from_hf(hf).max_position == 128
 
 
 def test_load_rejects_a_missing_tensor(pair):
