@@ -18,24 +18,30 @@ from kernels.attention import AttentionBatch, paged_attention, store_kv
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can keep a float32 copy of its (bf16) weight for multi-row inputs.
+    """nn.Linear that can multiply through a oneDNN-prepacked float32 copy of its weight (CPU).
 
-    CPUs without native bf16 instructions (AVX2) run a bf16 GEMM several times slower than a
-    float32 one once more than one row is multiplied, while one row is bound by memory traffic,
-    where bf16 halves the bytes. With a shadow, rows >= 2 multiply x.float() by the exact
-    float32 image of the same bf16 weights and round the result back to bf16.
+    On x86 CPUs a prepacked oneDNN GEMM runs 1.3-2x faster than F.linear's for the row counts
+    a decode step has (1-64). Where bf16 is emulated (AVX2, no native bf16 instructions), a
+    bf16 GEMM is several times slower than a float32 one as soon as more than one row is
+    multiplied, while one row is bound by memory traffic, where the bf16 weight halves the bytes:
+    so inputs of up to `native_rows` rows use the model's own weight, larger ones the packed
+    float32 image of the same weight, rounded back to the model's dtype.
     """
 
-    shadow: torch.Tensor | None = None
+    packed: torch.Tensor | None = None  # opaque oneDNN layout, float32
+    native_rows: int = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.shadow is None or x.shape[0] < 2:
+        if self.packed is None or x.shape[0] <= self.native_rows:
             return F.linear(x, self.weight, self.bias)
         bias = None if self.bias is None else self.bias.float()
-        return F.linear(x.float(), self.shadow, bias).to(x.dtype)
+        y = torch.ops.mkldnn._linear_pointwise(x.float().contiguous(), self.packed, bias,
+                                               "none", [], "")
+        return y.to(x.dtype)
 
-    def keep_fp32_shadow(self) -> None:
-        self.shadow = self.weight.detach().float()
+    def pack_for_cpu(self, native_rows: int, rows_hint: int) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().float(), rows_hint)
+        self.native_rows = native_rows
 
 
 class RMSNorm(nn.Module):
@@ -47,9 +53,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # fused; float32
+        return self.weight * normed.to(x.dtype)
 
 
 class Rotary(nn.Module):

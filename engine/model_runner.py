@@ -58,13 +58,7 @@ class ModelRunner:
         self.block_size = config.kv_block_size
         self.model_cfg = model_cfg
         self.model = CausalLM.from_hf_state_dict(model_cfg, state, self.device, self.dtype)
-        emulated_bf16 = (self.device.type == "cpu" and self.dtype == torch.bfloat16
-                         and not cpu_has_native_bf16())
-        if emulated_bf16:  # bf16 storage, float32 arithmetic where bf16 kernels are slow
-            for module in self.model.modules():
-                if isinstance(module, Linear):
-                    module.keep_fp32_shadow()  # batched steps use fp32 GEMMs (see Linear)
-        self.kv_dtype = torch.float32 if emulated_bf16 else self.dtype
+        self.kv_dtype = self._prepare_cpu_kernels()
         slots = num_blocks * self.block_size
         shape = (model_cfg.num_layers, 2, slots, model_cfg.num_kv_heads, model_cfg.head_dim)
         # [L, 2, slots, Hkv, D]. Only slots a request wrote are read, plus slot 0 as the
@@ -72,6 +66,18 @@ class ModelRunner:
         self.kv = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
         self.kv[:, :, :self.block_size].zero_()
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(model_cfg.num_layers)]
+
+    def _prepare_cpu_kernels(self) -> torch.dtype:
+        """Pick CPU GEMM paths (see engine.model.Linear); returns the KV cache dtype: float32
+        where bf16 is emulated, since bf16 SDPA is several times slower there too."""
+        if self.device.type != "cpu":
+            return self.dtype
+        emulated_bf16 = self.dtype == torch.bfloat16 and not cpu_has_native_bf16()
+        if torch.backends.mkldnn.is_available() and (emulated_bf16 or self.dtype == torch.float32):
+            for module in self.model.modules():
+                if isinstance(module, Linear):
+                    module.pack_for_cpu(native_rows=1 if emulated_bf16 else 0, rows_hint=64)
+        return torch.float32 if emulated_bf16 else self.dtype
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, capture_layers: tuple[int, ...] = ()) -> StepResult:
