@@ -79,7 +79,12 @@ async def serve(config: EngineConfig, host: str, port: int, log_level: str) -> N
                                          info.model_name, info.dtype, info.device,
                                          info.max_model_len, host, port)
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
-        await server.serve()
+        try:
+            await server.serve()
+        except SystemExit:  # uvicorn exits this way when it cannot bind
+            pass
+        if not server.started:
+            raise OSError(f"could not listen on {host}:{port} (in use, or not an address here)")
     finally:
         await client.shutdown()
 
