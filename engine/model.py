@@ -33,7 +33,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None or x.shape[0] <= self.native_rows:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
         bias = None if self.bias is None else self.bias.float()
         y = torch.ops.mkldnn._linear_pointwise(x.float().contiguous(), self.packed, bias,
                                                "none", [], "")
@@ -187,6 +187,9 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = Rotary(cfg)
+        # bf16 weights on a CPU that emulates bf16: multi-token steps keep activations in
+        # float32 end to end (the GEMMs run in float32 anyway), one-token steps stay bf16.
+        self.float32_batches = False
 
     def forward(
         self,
@@ -199,6 +202,8 @@ class CausalLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (logits [S, V] float32, hidden [T, len(capture_layers), d] or None)."""
         h = self.embed_tokens(input_ids)  # [T, d]
+        if self.float32_batches and h.shape[0] > 1:
+            h = h.float()  # emulated bf16: batched steps compute in float32 (see Linear)
         rope = self.rope.tables(positions, h.dtype)
         captured = [h] if 0 in capture_layers else []
         for i, layer in enumerate(self.layers):

@@ -77,6 +77,7 @@ class ModelRunner:
             for module in self.model.modules():
                 if isinstance(module, Linear):
                     module.pack_for_cpu(native_rows=1 if emulated_bf16 else 0, rows_hint=64)
+        self.model.float32_batches = emulated_bf16
         return torch.float32 if emulated_bf16 else self.dtype
 
     @torch.inference_mode()
