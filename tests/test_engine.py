@@ -283,3 +283,32 @@ def test_generate_rejecting_one_prompt_leaves_nothing_queued(tiny_llama_dir, pro
         core.generate([prompts[3], prompts[-1]], GREEDY)  # 8 tokens fit, 150 do not
     assert not core.has_work and core.pool.num_free == core.pool.num_blocks
     assert core.generate([prompts[3]], GREEDY) == [hf_greedy[3]]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_bf16_cpu_paths_track_float32_as_closely_as_transformers_bf16(tiny_llama_dir, prompts,
+                                                                      hf_greedy):
+    """bf16 on a CPU: one-token steps multiply bf16 weights; multi-token steps go through packed
+    float32 GEMMs with float32 activations where bf16 is emulated. bf16 greedy drifts from
+    float32 greedy (rounded weights); ours must drift no more than transformers' own bf16 does,
+    batched and one by one, and every block comes back."""
+    core = make_core(tiny_llama_dir, dtype="bfloat16")
+    assert core.runner.dtype == torch.bfloat16
+    emulated = core.runner.kv_dtype == torch.float32  # CPUs without native bf16
+    assert core.runner.model.float32_batches == emulated
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
+    theirs = [hf.generate(torch.tensor([p]), max_new_tokens=GREEDY.max_tokens, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    batched = core.generate(prompts, GREEDY)
+    alone = [core.generate([p], GREEDY)[0] for p in prompts]
+    hf_agree = sum(map(common_prefix, theirs, hf_greedy))
+    for ours in (batched, alone):
+        agree = sum(map(common_prefix, ours, hf_greedy))
+        assert agree >= 0.9 * hf_agree, f"{agree} tokens follow float32 vs transformers' {hf_agree}"
+    assert core.pool.num_free == core.pool.num_blocks
