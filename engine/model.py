@@ -137,14 +137,14 @@ class Attention(nn.Module):
                 kv: tuple[torch.Tensor, torch.Tensor], batch: AttentionBatch) -> torch.Tensor:
         """x: [T, d] -> [T, d]; rope: (cos, sin) of the batch's positions;
         kv: this layer's (k_cache, v_cache), each [num_slots, Hkv, D]."""
-        cfg = self.cfg
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, cfg.num_heads, cfg.head_dim)  # [T, H, D]
-        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
+        cfg, heads = self.cfg, self.cfg.num_heads
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = qk.view(-1, heads + cfg.num_kv_heads, cfg.head_dim)  # [T, H + Hkv, D]
         v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
         if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = Rotary.apply(q, rope), Rotary.apply(k, rope)
+            qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
+        qk = Rotary.apply(qk, rope)  # q and k heads rotated together
+        q, k = qk[:, :heads], qk[:, heads:]  # [T, H, D], [T, Hkv, D]
         store_kv(kv[0], kv[1], k, v, batch.slot_mapping)
         out = paged_attention(q, kv[0], kv[1], batch, self.scale)  # [T, H, D]
         return self.o_proj(out.reshape(-1, self.q_size))
