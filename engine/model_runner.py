@@ -6,6 +6,7 @@ scheduled tokens reach the end of its known tokens.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,8 @@ from engine.config import EngineConfig, ModelConfig
 from engine.model import CausalLM, Linear
 from engine.sampler import sample
 from kernels.attention import build_attention_batch
+
+log = logging.getLogger("dspark.engine")
 
 
 def pick_device(name: str) -> torch.device:
@@ -73,10 +76,17 @@ class ModelRunner:
         if self.device.type != "cpu":
             return self.dtype
         emulated_bf16 = self.dtype == torch.bfloat16 and not cpu_has_native_bf16()
-        if torch.backends.mkldnn.is_available() and (emulated_bf16 or self.dtype == torch.float32):
-            for module in self.model.modules():
-                if isinstance(module, Linear):
-                    module.pack_for_cpu(native_rows=1 if emulated_bf16 else 0, rows_hint=64)
+        if not (emulated_bf16 or self.dtype == torch.float32):
+            return self.dtype
+        linears = [m for m in self.model.modules() if isinstance(m, Linear)]
+        try:
+            for module in linears:
+                module.pack_for_cpu(native_rows=1 if emulated_bf16 else 0, rows_hint=64)
+        except (RuntimeError, AttributeError) as exc:  # no oneDNN packing on this CPU build
+            log.warning("oneDNN weight packing unavailable (%s); using plain GEMMs", exc)
+            for module in linears:
+                module.packed = None
+            return self.dtype
         self.model.float32_batches = emulated_bf16
         return torch.float32 if emulated_bf16 else self.dtype
 
