@@ -37,8 +37,11 @@ class Batcher:
         self.num_preemptions = 0
 
     def add(self, request: Request) -> bool:
-        """Queue a request; False when the waiting queue is at its bound."""
-        if len(self.waiting) >= self.config.max_waiting:
+        """Queue a request; False when the waiting queue is at its bound. The bound counts the
+        requests that must wait for a running slot: a burst that arrives between two steps is
+        not refused while free slots will take part of it at the next step."""
+        free_slots = max(0, self.config.max_num_seqs - len(self.running))
+        if len(self.waiting) >= self.config.max_waiting + free_slots:
             return False
         self.waiting.append(request)
         return True

@@ -35,7 +35,7 @@ def _engine_args(p) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
                    help="per-step token budget (decode tokens + prefill chunks)")
     p.add_argument("--max-waiting", type=int, default=d.max_waiting,
-                   help="waiting-queue bound; beyond it requests get 429")
+                   help="requests that may wait for a running slot; beyond it they get 429")
     p.add_argument("--kv-cache-tokens", type=int, default=d.kv_cache_tokens)
     p.add_argument("--kv-block-size", type=int, default=d.kv_block_size)
     p.add_argument("--num-threads", type=int, default=d.num_threads, help="0: torch's default")

@@ -66,12 +66,18 @@ def test_running_prefill_continues_before_new_requests():
 
 
 def test_waiting_queue_bound():
-    b = make(max_waiting=2)
-    assert b.add(req("a", 3)) and b.add(req("b", 3))
-    assert not b.add(req("c", 3))
-    assert [r.request_id for r in b.waiting] == ["a", "b"]
-    step(b)  # both admitted: room again
-    assert b.add(req("c", 3))
+    """max_waiting bounds the requests that must wait for a running slot; requests the free
+    slots will take at the next step do not count against it."""
+    b = make(max_waiting=2, max_num_seqs=1)
+    assert b.add(req("a", 3)) and b.add(req("b", 3)) and b.add(req("c", 3))  # 1 slot + 2 waiting
+    assert not b.add(req("d", 3))
+    assert [r.request_id for r in b.waiting] == ["a", "b", "c"]
+    step(b)  # a takes the slot; b and c wait: still full
+    assert [r.request_id for r in b.running] == ["a"]
+    assert not b.add(req("d", 3))
+    b.remove(b.running[0])  # a finishes: its slot frees room for one more
+    assert b.add(req("d", 3))
+    assert not b.add(req("e", 3))
 
 
 def test_admission_waits_until_the_whole_prompt_fits():

@@ -204,7 +204,7 @@ def test_abort_mid_prefill_and_mid_decode_frees_every_block(tiny_llama_dir, prom
 
 # ---- rejections -------------------------------------------------------------------------------
 def test_add_rejections(tiny_llama_dir):
-    core = make_core(tiny_llama_dir, max_waiting=2, max_model_len=64)
+    core = make_core(tiny_llama_dir, max_waiting=1, max_num_seqs=1, max_model_len=64)
 
     def add(rid, prompt):
         return core.add(AddRequest(rid, tuple(prompt), GREEDY))
