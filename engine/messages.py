@@ -72,7 +72,6 @@ class RequestOutput:
     finish_reason: str | None = None
     error: str | None = None
     num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,12 @@ class ServerMetrics:
         self.running = Gauge("dspark_num_requests_running", "Requests the engine is running", registry=r)
         self.waiting = Gauge("dspark_num_requests_waiting", "Requests waiting in the engine", registry=r)
         self.kv_usage = Gauge("dspark_kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=r)
+        self.step_tokens = Gauge("dspark_engine_step_tokens", "Tokens in the engine's last forward pass",
+                                 registry=r)
+        self.step_seconds = Gauge("dspark_engine_step_seconds", "Duration of the engine's last step",
+                                  registry=r)
+        self.preemptions = Gauge("dspark_num_preemptions", "Requests preempted since the engine started",
+                                 registry=r)
         self.user_speed_last = Gauge("dspark_user_decode_tokens_per_second_last",
                                      "Decode tokens/s of each user's latest request", ["user"], registry=r)
 
@@ -76,6 +82,9 @@ class ServerMetrics:
         self.waiting.set(stats.num_waiting)
         total = stats.kv_blocks_total
         self.kv_usage.set((total - stats.kv_blocks_free) / total if total else 0.0)
+        self.step_tokens.set(stats.step_tokens)
+        self.step_seconds.set(stats.step_seconds)
+        self.preemptions.set(stats.num_preemptions)
 
     def on_tokens(self, timer: RequestTimer, num_tokens: int, now: float | None = None) -> None:
         """Tokens of one engine output reached the request (speculative decoding sends several

@@ -420,7 +420,8 @@ async def test_metrics_count_tokens_and_requests(text):
         await client.post("/v1/completions", json={"prompt": "The cat", "user": "ann"})
         await client.post("/v1/completions", json={"prompt": "The cat", "max_tokens": 2, "stream": True})
         await client.post("/v1/completions", json={"prompt": "x", "n": 3})
-        engine.listeners[0](StepOutputs((), EngineStats(3, 2, 10, 4)))
+        engine.listeners[0](StepOutputs((), EngineStats(3, 2, 10, 4, num_preemptions=5,
+                                                        step_tokens=24, step_seconds=0.05)))
         page = (await client.get("/metrics")).text
     n = len(engine.script)
     assert metric(page, "dspark_generation_tokens_total") == n + 2
@@ -435,6 +436,9 @@ async def test_metrics_count_tokens_and_requests(text):
     assert metric(page, 'dspark_user_decode_tokens_per_second_last{user="ann"}') > 0
     assert (metric(page, "dspark_num_requests_running"), metric(page, "dspark_num_requests_waiting")) == (3, 2)
     assert metric(page, "dspark_kv_cache_usage_ratio") == pytest.approx(0.6)
+    assert metric(page, "dspark_engine_step_tokens") == 24
+    assert metric(page, "dspark_engine_step_seconds") == pytest.approx(0.05)
+    assert metric(page, "dspark_num_preemptions") == 5
     for name in ("dspark_e2e_request_latency_seconds_count", "dspark_request_queue_time_seconds_count"):
         assert metric(page, name) == 2
 
