@@ -65,8 +65,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # fused; float32
-        return self.weight * normed.to(x.dtype)
+        if x.dtype == torch.float32:  # one call; the same math in float32
+            return F.rms_norm(x, (x.shape[-1],), self.weight.float(), self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # float32
+        return self.weight * normed.to(x.dtype)  # rounded before the weight, as HF does
 
 
 class Rotary(nn.Module):
@@ -94,16 +96,18 @@ class Rotary(nn.Module):
         self.cos, self.sin = angles.cos(), angles.sin()
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for the batch's positions [T] -> each [T, 1, D] (once per forward)."""
-        return self.cos[positions].to(dtype)[:, None], self.sin[positions].to(dtype)[:, None]
+        """cos and signed sin for the batch's positions [T] -> each [T, 1, D] (once per forward).
+        rotate_half(x) = [-x2, x1] = roll(x, D/2) * [-1, +1], so the sign is folded into sin."""
+        half = self.cfg.head_dim // 2
+        sin = self.sin[positions]
+        signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        return self.cos[positions].to(dtype)[:, None], signed_sin.to(dtype)[:, None]
 
     @staticmethod
     def apply(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: [T, heads, D]."""
-        cos, sin = cos_sin
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        """x: [T, heads, D] -> x * cos + rotate_half(x) * sin."""
+        cos, signed_sin = cos_sin
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def llama3_scaled(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
