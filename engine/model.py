@@ -63,10 +63,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.weight32: torch.Tensor | None = None  # float32 image of a bf16 weight, set at load
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # one call; the same math in float32
-            return F.rms_norm(x, (x.shape[-1],), self.weight.float(), self.eps)
+            w = self.weight if self.weight.dtype == torch.float32 else self.weight32
+            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # float32
         return self.weight * normed.to(x.dtype)  # rounded before the weight, as HF does
 
@@ -92,16 +94,13 @@ class Rotary(nn.Module):
         if self.cfg.rope_type == "llama3":
             inv_freq = llama3_scaled(inv_freq, self.cfg)
         angles = torch.outer(torch.arange(self.cfg.max_position, device=device).float(), inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)  # [P, D]
-        self.cos, self.sin = angles.cos(), angles.sin()
+        # rotate_half(x) = [-x2, x1] = roll(x, D/2) * [-1, +1]: the sign is folded into sin
+        self.cos = torch.cat([angles, angles], dim=-1).cos()  # [P, D]
+        self.sin = torch.cat([-angles.sin(), angles.sin()], dim=-1)  # [P, D], signed
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin for the batch's positions [T] -> each [T, 1, D] (once per forward).
-        rotate_half(x) = [-x2, x1] = roll(x, D/2) * [-1, +1], so the sign is folded into sin."""
-        half = self.cfg.head_dim // 2
-        sin = self.sin[positions]
-        signed_sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
-        return self.cos[positions].to(dtype)[:, None], signed_sin.to(dtype)[:, None]
+        """cos and signed sin for the batch's positions [T] -> each [T, 1, D] (once per forward)."""
+        return self.cos[positions].to(dtype)[:, None], self.sin[positions].to(dtype)[:, None]
 
     @staticmethod
     def apply(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -243,6 +242,9 @@ class CausalLM(nn.Module):
                 raise ValueError(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(own[name].shape)}")
             own[name].copy_(tensor)
             loaded.add(name)
+        for norm in self.modules():
+            if isinstance(norm, RMSNorm):
+                norm.weight32 = norm.weight.detach().float()
         missing = set(own) - loaded - ({"lm_head.weight"} if self.cfg.tie_word_embeddings else set())
         if missing:
             raise ValueError(f"checkpoint lacks {sorted(missing)[:5]}")

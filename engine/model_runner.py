@@ -97,7 +97,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         for row, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
             start = request.num_computed_tokens
-            ids.extend(request.all_token_ids[start:start + n])
+            ids.extend(request.token_ids(start, start + n))
             seq_lens.append(start + n)
             if start + n == request.num_tokens:
                 sample_rows.append(row)

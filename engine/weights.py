@@ -86,7 +86,10 @@ def convert_gguf(gguf: Path) -> Path:
     with open(tmp / "config.json", "w") as f:
         json.dump(config, f, indent=2)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-    tmp.rename(out) if not out.exists() else shutil.rmtree(tmp)
+    if out.exists():  # another process converted it meanwhile
+        shutil.rmtree(tmp)
+    else:
+        tmp.rename(out)
     return out
 
 

@@ -57,3 +57,13 @@ def test_release_returns_every_block_and_resets_the_request():
     assert a.block_table == [] and a.num_computed_tokens == 0 and pool.num_free == 4
     pool.release(b)
     assert pool.num_free == 6 and sorted(pool._free) == list(range(6))
+
+
+def test_token_ids_slices_prompt_and_output_like_all_token_ids():
+
+    r = Request("t", [1, 2, 3, 4], SamplingParams())
+    for t in (5, 6, 7):
+        r.append_token(t)
+    for start in range(r.num_tokens + 1):
+        for end in range(start, r.num_tokens + 1):
+            assert r.token_ids(start, end) == r.all_token_ids[start:end]
