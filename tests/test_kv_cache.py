@@ -60,7 +60,6 @@ def test_release_returns_every_block_and_resets_the_request():
 
 
 def test_token_ids_slices_prompt_and_output_like_all_token_ids():
-
     r = Request("t", [1, 2, 3, 4], SamplingParams())
     for t in (5, 6, 7):
         r.append_token(t)
