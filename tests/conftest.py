@@ -2,10 +2,19 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    # Triton kernels run under Triton's interpreter on a CPU. It is chosen when a function is
+    # decorated, triton's own helpers included, so before anything imports triton (transformers
+    # does): test modules are all imported before any test runs.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 CHATML = (
     "{% for message in messages %}"
