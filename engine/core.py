@@ -72,12 +72,18 @@ class EngineCore:
         return self.batcher.has_work
 
     # ---- one step --------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, observer=None) -> list[RequestOutput]:
+        """observer(batch, result), if given, sees every step's batch before its requests
+        advance, with hidden states of observer.capture_layers (drafter training data)."""
         start = time.perf_counter()
         batch = self.batcher.schedule()
         if not batch.requests:
             return []
-        result = self.runner.execute(batch)
+        if observer is None:
+            result = self.runner.execute(batch)
+        else:
+            result = self.runner.execute(batch, observer.capture_layers, with_final=True)
+            observer(batch, result)
         outputs = []
         for row, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
             request.num_computed_tokens += n

@@ -48,7 +48,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 @dataclass(frozen=True)
 class StepResult:
     sampled: dict[int, int]  # row of the batch -> sampled token id
-    hidden: torch.Tensor | None  # [T, n_capture, d] when capture layers were asked for
+    hidden: torch.Tensor | None = None  # [T, n_capture, d] when capture layers were asked for
+    final: torch.Tensor | None = None  # [S, d] post-norm last hidden state of the sampled rows
+    lse: torch.Tensor | None = None  # [S] log-sum-exp of the full logits of the sampled rows
 
 
 class ModelRunner:
@@ -91,7 +93,11 @@ class ModelRunner:
         return torch.float32 if emulated_bf16 else self.dtype
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, capture_layers: tuple[int, ...] = ()) -> StepResult:
+    def execute(self, batch: ScheduledBatch, capture_layers: tuple[int, ...] = (),
+                with_final: bool = False) -> StepResult:
+        """One flattened forward and the sampled tokens. capture_layers: hidden states of those
+        layers for every row; with_final: also the post-norm final state and logits' log-sum-exp
+        of the sampled rows (drafter training data)."""
         ids: list[int] = []
         seq_lens: list[int] = []
         sample_rows: list[int] = []
@@ -106,8 +112,21 @@ class ModelRunner:
                                      [r.block_table for r in batch.requests], self.block_size,
                                      self.device)
         logits_indices = ends[sample_rows].to(self.device)
+        layers = tuple(capture_layers) + ((self.model_cfg.num_layers,) if with_final else ())
         logits, hidden = self.model(
             torch.tensor(ids, device=self.device), attn.token_pos,
-            self.kv_caches, attn, logits_indices, capture_layers)
+            self.kv_caches, attn, logits_indices, layers)
         tokens = sample(logits, [batch.requests[r] for r in sample_rows])
-        return StepResult(dict(zip(sample_rows, tokens)), hidden)
+        if not with_final:
+            return StepResult(dict(zip(sample_rows, tokens)), hidden)
+        final = self.model.norm(hidden[logits_indices, -1]).float()  # [S, d]
+        return StepResult(dict(zip(sample_rows, tokens)), hidden[:, :-1] if capture_layers else None,
+                          final, torch.logsumexp(logits, dim=-1))
+
+    def lm_head_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[len(token_ids), d] float32 rows of the target's LM head (drafters share them)."""
+        return self.model.lm_head.weight.detach()[token_ids.to(self.device)].float().cpu()
+
+    def embedding_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[len(token_ids), d] float32 rows of the target's input embedding."""
+        return self.model.embed_tokens.weight.detach()[token_ids.to(self.device)].float().cpu()

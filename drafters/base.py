@@ -1,0 +1,135 @@
+"""The one Drafter interface the engine (and the evaluation loop) calls every round.
+
+    add(rid) / remove(rid)                 a request's own context cache
+    extend(rid, tokens, features)          committed tokens with the target's features
+                                           (hidden states of config.feature_layers)
+    rollback(rid, num_tokens)              keep only the first num_tokens context entries
+    propose(rids, anchors, temperatures)   gamma drafts per request -> DraftOutput
+
+The context cache of a request always covers the tokens before its anchor: after a round, the
+engine extends it with the tokens the target verified and accepted (their features come out of
+the verification pass), and the newly sampled token becomes the next anchor.
+DSpark/DFlash (drafters/parallel.py) and Eagle3/MTP-1 (drafters/chain.py) implement it.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from drafters.config import DrafterConfig
+
+
+@dataclass
+class DraftOutput:
+    tokens: torch.Tensor  # [R, gamma] target token ids of the drafts
+    probs: torch.Tensor  # [R, gamma, Vd] draft distributions p_d over the draft vocabulary
+    vocab_ids: torch.Tensor  # [Vd] target id of each draft-vocabulary index
+    confidences: torch.Tensor | None  # [R, gamma] c_k in (0, 1), or None (no confidence head)
+
+    def full_probs(self, vocab_size: int) -> torch.Tensor:
+        """[R, gamma, V]: p_d over the target vocabulary (zero outside the draft vocabulary)."""
+        out = self.probs.new_zeros(*self.probs.shape[:2], vocab_size)
+        out[..., self.vocab_ids] = self.probs
+        return out
+
+
+@dataclass
+class ContextCache:
+    """A request's drafter state: per layer k/v of its context entries, and their fused ctx."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # [n, Hkv, D] x2
+    ctx: torch.Tensor | None = None  # [n, d] fused features (chains need the last one)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.ctx is None else self.ctx.shape[0]
+
+
+class Drafter(ABC):
+    """Common cache bookkeeping and draft sampling; subclasses own the model."""
+
+    model: nn.Module
+
+    def __init__(self, config: DrafterConfig) -> None:
+        self.config = config
+        self.caches: dict[str, ContextCache] = {}
+        self.generator = torch.Generator().manual_seed(0)
+
+    @property
+    def gamma(self) -> int:
+        return self.config.block_size
+
+    def add(self, rid: str) -> None:
+        self.caches[rid] = ContextCache()
+
+    def remove(self, rid: str) -> None:
+        self.caches.pop(rid, None)
+
+    def context_length(self, rid: str) -> int:
+        return self.caches[rid].length
+
+    @torch.no_grad()
+    def extend(self, rid: str, tokens: torch.Tensor, features: torch.Tensor) -> None:
+        """tokens: [m] committed token ids at positions n..n+m-1, features: [m, n_layers, d]."""
+        if tokens.shape[0]:
+            self._extend(self.caches[rid], tokens, features)
+
+    def rollback(self, rid: str, num_tokens: int) -> None:
+        cache = self.caches[rid]
+        if num_tokens < cache.length:
+            cache.kv = [(k[:num_tokens], v[:num_tokens]) for k, v in cache.kv]
+            cache.ctx = cache.ctx[:num_tokens]
+
+    @torch.no_grad()
+    def propose(self, rids: list[str], anchors: torch.Tensor, temperatures: torch.Tensor,
+                forced: torch.Tensor | None = None) -> DraftOutput:
+        """anchors: [R] token ids at positions context_length(rid); temperatures: [R]
+        (0 = greedy). forced: [R, gamma] tokens to feed back instead of the sampled drafts
+        (tests compare the cached path with training's teacher forcing)."""
+        return self._propose([self.caches[r] for r in rids], anchors, temperatures, forced)
+
+    def sample(self, logits: torch.Tensor, temperatures: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits: [R, Vd] -> (draft-vocab index [R], p_d [R, Vd]).
+        p_d = softmax(logits / T); greedy rows (T = 0) take the argmax and report p_d one-hot.
+        Sampling is the exponential race argmax p_i / E_i, E_i ~ Exp(1)."""
+        greedy = temperatures == 0  # [R]
+        t = torch.where(greedy, 1.0, temperatures)[:, None]
+        probs = torch.softmax(logits / t, dim=-1)  # [R, Vd]
+        race = torch.empty_like(probs).exponential_(generator=self.generator)
+        index = torch.where(greedy, logits.argmax(-1), (probs / race).argmax(-1))  # [R]
+        one_hot = torch.zeros_like(probs).scatter_(1, index[:, None], 1.0)
+        return index, torch.where(greedy[:, None], one_hot, probs)
+
+    @abstractmethod
+    def _extend(self, cache: ContextCache, tokens: torch.Tensor, features: torch.Tensor) -> None:
+        ...
+
+    @abstractmethod
+    def _propose(self, caches: list[ContextCache], anchors: torch.Tensor,
+                 temperatures: torch.Tensor, forced: torch.Tensor | None) -> DraftOutput:
+        ...
+
+
+def cat_caches(caches: list[ContextCache], num_layers: int) -> tuple[list[tuple], list[slice]]:
+    """Per layer the k/v of all caches back to back, and each cache's rows."""
+    rows, start = [], 0
+    for c in caches:
+        rows.append(slice(start, start + c.length))
+        start += c.length
+    filled = [c for c in caches if c.length]
+    assert filled, "drafting needs at least one context token"
+    kv = [(torch.cat([c.kv[i][0] for c in filled]), torch.cat([c.kv[i][1] for c in filled]))
+          for i in range(num_layers)]
+    return kv, rows
+
+
+def append_cache(cache: ContextCache, kv: list[tuple], ctx: torch.Tensor) -> None:
+    if cache.ctx is None:
+        cache.kv, cache.ctx = list(kv), ctx
+    else:
+        cache.kv = [(torch.cat([k0, k1]), torch.cat([v0, v1]))
+                    for (k0, v0), (k1, v1) in zip(cache.kv, kv)]
+        cache.ctx = torch.cat([cache.ctx, ctx])

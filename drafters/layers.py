@@ -1,0 +1,110 @@
+"""Building blocks of every drafter: norms, rotary embedding, and one decoder layer whose queries
+come from the draft tokens and whose keys/values are [context entries ; draft tokens].
+
+Attention is organised in groups: a group is one request (inference) or one training sequence
+with all its blocks (training). Each group's queries attend its own context rows plus its own
+draft rows, under an optional visibility mask; groups never see each other. The same layer code
+runs both paths, which is what makes the cached inference path equal to the training path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drafters.config import DrafterConfig
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate-half RoPE. x: [N, H, D], positions: [N] -> [N, H, D]."""
+    half = x.shape[-1] // 2
+    inv = theta ** (-torch.arange(half, dtype=torch.float32, device=x.device) / half)  # [D/2]
+    angles = positions.float()[:, None] * inv[None]  # [N, D/2]
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]  # [N, 1, D/2]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+@dataclass
+class Group:
+    """One independent attention problem inside a flat batch."""
+
+    q_rows: slice  # rows of the draft batch that are this group's queries (and draft keys)
+    ctx_rows: slice  # rows of the context batch this group may see
+    mask: torch.Tensor | None  # [q, ctx + q] bool, True = visible; None = all visible
+
+
+class DraftLayer(nn.Module):
+    """Pre-norm decoder layer: h + attn(norm(h)), then h + mlp(norm(h))."""
+
+    def __init__(self, cfg: DrafterConfig) -> None:
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.cfg = cfg
+        self.input_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=False)
+        self.kv_proj = nn.Linear(d, 2 * cfg.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        self.post_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.gate_up = nn.Linear(d, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, d, bias=False)
+
+    def kv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (rotated) and values of already-normalised inputs x: [N, d] -> 2 x [N, Hkv, D]."""
+        k, v = self.kv_proj(x).view(x.shape[0], 2, self.cfg.num_kv_heads, -1).unbind(1)
+        return rotary(k, positions, self.cfg.rope_theta), v
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, ctx_k: torch.Tensor,
+                ctx_v: torch.Tensor, groups: list[Group]) -> tuple[torch.Tensor, tuple]:
+        """h: [Q, d] draft states at positions [Q]; ctx_k/ctx_v: [C, Hkv, D] context entries.
+        Returns (new h [Q, d], (k, v) [Q, Hkv, D] of the draft rows, for chains that keep them)."""
+        x = self.input_norm(h)
+        q = rotary(self.q_proj(x).view(h.shape[0], self.cfg.num_heads, -1), positions,
+                   self.cfg.rope_theta)  # [Q, H, D]
+        k, v = self.kv(x, positions)  # [Q, Hkv, D]
+        out = torch.empty_like(q)
+        for g in groups:
+            keys = torch.cat([ctx_k[g.ctx_rows], k[g.q_rows]])  # [c + q, Hkv, D]
+            values = torch.cat([ctx_v[g.ctx_rows], v[g.q_rows]])
+            out[g.q_rows] = _attend(q[g.q_rows], keys, values, g.mask)
+        h = h + self.o_proj(out.flatten(1))
+        gate, up = self.gate_up(self.post_norm(h)).chunk(2, dim=-1)
+        return h + self.down(F.silu(gate) * up), (k, v)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            mask: torch.Tensor | None) -> torch.Tensor:
+    """q: [q, H, D], k/v: [n, Hkv, D], mask: [q, n] bool or None -> [q, H, D]."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=mask)  # [H, q, D]
+    return out.transpose(0, 1)
+
+
+class FeatureFusion(nn.Module):
+    """ctx = RMSNorm(W_fc [h_l1; ...; h_ln]): n target layers -> one d-vector per token."""
+
+    def __init__(self, cfg: DrafterConfig) -> None:
+        super().__init__()
+        n = len(cfg.feature_layers)
+        self.fc = nn.Linear(n * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features: [T, n, d] (any float dtype) -> ctx [T, d] float32."""
+        return self.norm(self.fc(features.float().flatten(1)))

@@ -1,0 +1,73 @@
+"""The drafter loss (DSPARK.md §3), per block position k = 1..gamma with weight
+w_k = exp(-(k-1)/decay) on valid positions:
+
+    L = ce · CE(p_d, true token) + l1 · ||p_d - p_t||_1 + bce · BCE(c_k, c*_k)
+
+    p_d = softmax(draft logits) over the draft vocabulary S (zero outside S)
+    p_t = the target's distribution, log p_t(i) = final · W_i - lse for i in S, so
+          ||p_d - p_t||_1 = sum_{i in S} |p_d(i) - p_t(i)| + (1 - sum_{i in S} p_t(i))
+    c*_k = 1 - ½||p_d - p_t||_1 (detached): the probability that a token drawn from p_d is
+           accepted by the rejection rule, the soft label of the confidence head
+Each term is the w-weighted mean over valid positions (CE over positions whose true token is in S).
+DSpark: ce 0.1, l1 0.9, bce 1.0. DFlash, Eagle3 and MTP-1: cross-entropy only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from drafters.packing import PackedBatch
+from drafters.vocab import SharedVocab
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    ce: float
+    l1: float
+    bce: float
+    decay: float = 4.0  # w_k = exp(-(k-1)/decay)
+
+
+DSPARK_LOSS = LossWeights(ce=0.1, l1=0.9, bce=1.0)
+CE_LOSS = LossWeights(ce=1.0, l1=0.0, bce=0.0)
+
+
+def position_weights(gamma: int, decay: float) -> torch.Tensor:
+    return torch.tensor([math.exp(-k / decay) for k in range(gamma)])  # [gamma], w_1 = 1
+
+
+def target_log_probs(vocab: SharedVocab, final: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """final: [N, g, d], lse: [N, g] -> log p_t over the draft vocabulary [N, g, Vd]."""
+    return vocab.logits(final) - lse[..., None]
+
+
+def drafter_loss(logits: torch.Tensor, conf_logits: torch.Tensor | None, batch: PackedBatch,
+                 vocab: SharedVocab, weights: LossWeights) -> tuple[torch.Tensor, dict[str, float]]:
+    """logits: [N, g, Vd], conf_logits: [N, g] or None -> (loss, per-term floats)."""
+    gamma = logits.shape[1]
+    w = position_weights(gamma, weights.decay).to(logits.device)[None] * batch.valid  # [N, g]
+    log_pd = torch.log_softmax(logits.float(), dim=-1)  # [N, g, Vd]
+    terms: dict[str, torch.Tensor] = {}
+    label = vocab.to_draft[batch.labels]  # [N, g]; Vd = outside the draft vocabulary
+    in_vocab = label < vocab.size
+    nll = -log_pd.gather(-1, label.clamp(max=vocab.size - 1)[..., None]).squeeze(-1)
+    terms["ce"] = _mean(nll, w * in_vocab)
+    if weights.l1 or weights.bce:
+        with torch.no_grad():
+            p_t = target_log_probs(vocab, batch.target_final, batch.target_lse).exp()
+        outside = (1 - p_t.sum(-1)).clamp_min(0)  # [N, g] target mass outside S
+        l1 = (log_pd.exp() - p_t).abs().sum(-1) + outside  # [N, g]
+        terms["l1"] = _mean(l1, w)
+        if conf_logits is not None:
+            soft = (1 - 0.5 * l1).detach().clamp(0, 1)
+            bce = F.binary_cross_entropy_with_logits(conf_logits, soft, reduction="none")
+            terms["bce"] = _mean(bce, w)
+    loss = sum(getattr(weights, k) * v for k, v in terms.items())
+    return loss, {k: float(v) for k, v in terms.items()}
+
+
+def _mean(values: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (values * w).sum() / w.sum().clamp_min(1e-9)

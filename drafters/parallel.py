@@ -1,0 +1,126 @@
+"""DSpark and DFlash: the parallel block backbone (DSPARK.md §2). DFlash is this model without
+the sequential and confidence heads.
+
+Context: ctx = RMSNorm(W_fc [h_l1;...;h_ln]) for every context token; in every layer the
+context's keys/values are that layer's k/v projections of ctx (KV injection), cached per request.
+Block: [anchor, MASK x (gamma-1)] at positions a..a+gamma-1; queries come from the block only,
+bidirectional inside the block; output position i (0-based) predicts the token at a+i+1.
+One backbone pass gives base logits U_k and states h_k for all gamma positions; the head then
+adds B_k left to right (drafters/heads.py).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from drafters.base import ContextCache, Drafter, DraftOutput, append_cache, cat_caches
+from drafters.config import DrafterConfig
+from drafters.heads import SequentialHead
+from drafters.layers import DraftLayer, FeatureFusion, Group, RMSNorm
+from drafters.packing import PackedBatch
+from drafters.vocab import SharedVocab
+
+
+class ParallelDrafterModel(nn.Module):
+    def __init__(self, cfg: DrafterConfig, vocab: SharedVocab) -> None:
+        super().__init__()
+        assert cfg.parallel
+        self.cfg = cfg
+        self.vocab = vocab
+        self.fusion = FeatureFusion(cfg)
+        self.mask_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.head = SequentialHead(cfg) if cfg.head != "none" else None
+
+    # ---- shared by training and drafting ---------------------------------------------------
+    def context_kv(self, features: torch.Tensor, positions: torch.Tensor) -> list[tuple]:
+        """features: [T, n, d] at positions [T] -> per layer (k, v) [T, Hkv, D]."""
+        ctx = self.fusion(features)  # [T, d]
+        return [layer.kv(ctx, positions) for layer in self.layers]
+
+    def backbone(self, anchors: torch.Tensor, anchor_pos: torch.Tensor, ctx_kv: list[tuple],
+                 groups: list[Group]) -> torch.Tensor:
+        """anchors/anchor_pos: [N] -> block states [N, gamma, d] (after the final norm)."""
+        g = self.cfg.block_size
+        h = self.mask_embedding.expand(anchors.shape[0], g, -1).clone()  # [N, g, d]
+        h[:, 0] = self.vocab.embed(anchors)
+        positions = (anchor_pos[:, None] + torch.arange(g)).flatten()  # [N*g]
+        h = h.flatten(0, 1)
+        for layer, (k, v) in zip(self.layers, ctx_kv):
+            h, _ = layer(h, positions, k, v, groups)
+        return self.norm(h).view(-1, g, self.cfg.hidden_size)
+
+    def head_step(self, k: int, hidden: torch.Tensor, base: torch.Tensor, prev: torch.Tensor,
+                  state: torch.Tensor):
+        """Position k (0-based): logits [N, Vd], confidence logits [N] or None, new state."""
+        if self.head is None:
+            return base[:, k], None, state
+        bias, conf, state = self.head.step(hidden[:, k], self.vocab.to_draft[prev], state)
+        return base[:, k] + bias, conf, state
+
+    # ---- training: all blocks of a packed batch in one pass --------------------------------
+    def train_forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (logits [N, gamma, Vd], confidence logits [N, gamma] or None), teacher-forced."""
+        ctx_kv = self.context_kv(batch.features, batch.positions)
+        hidden = self.backbone(batch.tokens[batch.anchor_rows], batch.anchor_pos, ctx_kv,
+                               self._train_groups(batch))
+        base = self.vocab.logits(hidden)  # [N, g, Vd]
+        state = hidden.new_zeros(hidden.shape[0], self.cfg.head_rank)
+        logits, confs = [], []
+        for k in range(self.cfg.block_size):
+            lk, ck, state = self.head_step(k, hidden, base, batch.prev[:, k], state)
+            logits.append(lk)
+            confs.append(ck)
+        conf = torch.stack(confs, 1) if self.head is not None else None
+        return torch.stack(logits, 1), conf
+
+    def _train_groups(self, batch: PackedBatch) -> list[Group]:
+        """Per sequence: block b sees context positions < anchor_b and its own block."""
+        g = self.cfg.block_size
+        groups = []
+        for rows, blocks in zip(batch.seq_rows, batch.seq_blocks):
+            n = blocks.stop - blocks.start
+            if n == 0:
+                continue
+            ctx_pos = batch.positions[rows]  # [T_s]
+            anchor = batch.anchor_pos[blocks].repeat_interleave(g)  # [n*g]
+            sees_ctx = ctx_pos[None, :] < anchor[:, None]  # [n*g, T_s]
+            block_id = torch.arange(n).repeat_interleave(g)
+            sees_block = block_id[:, None] == block_id[None, :]  # [n*g, n*g]
+            groups.append(Group(slice(blocks.start * g, blocks.stop * g), rows,
+                                torch.cat([sees_ctx, sees_block], dim=1)))
+        return groups
+
+
+class ParallelDrafter(Drafter):
+    """Drafter interface over ParallelDrafterModel: one backbone pass, then the head per position."""
+
+    def __init__(self, model: ParallelDrafterModel) -> None:
+        super().__init__(model.cfg)
+        self.model = model
+
+    def _extend(self, cache: ContextCache, tokens: torch.Tensor, features: torch.Tensor) -> None:
+        positions = torch.arange(cache.length, cache.length + tokens.shape[0])
+        ctx = self.model.fusion(features)  # [m, d]
+        append_cache(cache, [layer.kv(ctx, positions) for layer in self.model.layers], ctx)
+
+    def _propose(self, caches: list[ContextCache], anchors: torch.Tensor,
+                 temperatures: torch.Tensor, forced: torch.Tensor | None) -> DraftOutput:
+        g, model = self.gamma, self.model
+        ctx_kv, rows = cat_caches(caches, len(model.layers))
+        groups = [Group(slice(r * g, (r + 1) * g), rows[r], None) for r in range(len(caches))]
+        anchor_pos = torch.tensor([c.length for c in caches])
+        hidden = model.backbone(anchors, anchor_pos, ctx_kv, groups)  # [R, g, d]
+        base = model.vocab.logits(hidden)  # [R, g, Vd]
+        state = hidden.new_zeros(len(caches), self.config.head_rank)
+        prev, tokens, probs, confs = anchors, [], [], []
+        for k in range(g):
+            logits, conf, state = model.head_step(k, hidden, base, prev, state)
+            index, p = self.sample(logits, temperatures)
+            tokens.append(model.vocab.vocab_ids[index])
+            probs.append(p)
+            confs.append(conf)
+            prev = tokens[-1] if forced is None else forced[:, k]
+        conf = torch.sigmoid(torch.stack(confs, 1)) if model.head is not None else None
+        return DraftOutput(torch.stack(tokens, 1), torch.stack(probs, 1), model.vocab.vocab_ids, conf)

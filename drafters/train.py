@@ -1,0 +1,162 @@
+"""`dspark train drafter`: train any drafter on cached target data (drafters/data.py).
+
+Each step packs `seqs_per_step` random sequences with up to `anchors_per_seq` blocks each
+(drafters/packing.py), runs the method's training forward, and minimises the method's loss
+(drafters/losses.py) with AdamW (no weight decay), linear warm-up then cosine decay, and gradient
+clipping. Checkpoints (model, optimiser, step, RNG) are written every `checkpoint_every` steps
+to out_dir/checkpoint.pt; a rerun with the same out_dir resumes there. The final drafter is
+saved in out_dir (drafters/registry.py format).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from drafters.base import Drafter
+from drafters.config import DrafterConfig
+from drafters.data import load_training_data
+from drafters.losses import CE_LOSS, DSPARK_LOSS, drafter_loss
+from drafters.packing import pack
+from drafters.registry import build_drafter, save_drafter
+from drafters.vocab import SharedVocab, choose_draft_vocab
+from engine.config import ModelConfig
+from engine.weights import load_model_config, load_state_dict, resolve_checkpoint
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data_dir: str
+    out_dir: str
+    method: str = "dspark"
+    head: str = "markov"
+    block_size: int = 7  # gamma (mtp1: 1)
+    num_layers: int = 2
+    draft_vocab: int = 8192
+    steps: int = 1500
+    seqs_per_step: int = 8
+    anchors_per_seq: int = 24
+    lr: float = 6e-4
+    warmup: float = 0.04  # share of steps
+    clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 100
+    model: str = ""  # the target ("" = the embedded default); embedding and LM head come from it
+    device: str = "auto"
+
+
+def target_matrices(model: str) -> tuple[ModelConfig, torch.Tensor, torch.Tensor]:
+    """(config, embedding [V, d], lm_head [V, d]) of a target checkpoint, float32."""
+    ckpt, name = resolve_checkpoint(model)
+    cfg = load_model_config(ckpt, name)
+    state = load_state_dict(ckpt)
+    emb = state["model.embed_tokens.weight"].float()
+    head = emb if cfg.tie_word_embeddings else state["lm_head.weight"].float()
+    return cfg, emb, head
+
+
+def make_drafter(tc: TrainConfig, data_meta: dict, sequences, target: ModelConfig,
+                 emb: torch.Tensor, head: torch.Tensor) -> Drafter:
+    counts = torch.zeros(target.vocab_size)
+    for s in sequences:
+        counts += torch.bincount(s.tokens[s.loss_mask], minlength=target.vocab_size).float()
+    vocab_ids = choose_draft_vocab(counts, tc.draft_vocab, target.eos_token_ids)
+    cfg = DrafterConfig(
+        method=tc.method, target=target.name, hidden_size=target.hidden_size,
+        feature_layers=tuple(data_meta["feature_layers"]), draft_vocab=len(vocab_ids),
+        target_vocab=target.vocab_size, head=tc.head if tc.method == "dspark" else "none",
+        block_size=1 if tc.method == "mtp1" else tc.block_size, num_layers=tc.num_layers,
+        num_heads=target.num_heads, num_kv_heads=target.num_kv_heads, head_dim=target.head_dim,
+        rms_norm_eps=target.rms_norm_eps, rope_theta=target.rope_theta)
+    return build_drafter(cfg, SharedVocab(emb, head, vocab_ids))
+
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up over warmup*total steps, then cosine decay to zero."""
+    w = max(1, int(warmup * total))
+    if step < w:
+        return (step + 1) / w
+    return 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
+
+
+def train(tc: TrainConfig, progress: bool = True) -> Path:
+    device = torch.device("cuda" if tc.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if tc.device == "auto" else tc.device))
+    meta, sequences = load_training_data(tc.data_dir)
+    target, emb, head = target_matrices(tc.model)
+    torch.manual_seed(tc.seed)
+    drafter = make_drafter(tc, meta, sequences, target, emb, head)
+    model = drafter.model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc.steps, tc.warmup))
+    out = Path(tc.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(tc.seed)
+    step = _resume(out / "checkpoint.pt", model, opt, sched, rng)
+    weights = DSPARK_LOSS if tc.method == "dspark" else CE_LOSS
+    bar = tqdm(total=tc.steps, initial=step, desc=f"train {tc.method}", disable=not progress)
+    start, history = time.perf_counter(), []
+    while step < tc.steps:
+        batch = _to(pack(rng.sample(sequences, tc.seqs_per_step), drafter.gamma,
+                         tc.anchors_per_seq, rng), device)
+        logits, conf = model.train_forward(batch)
+        loss, terms = drafter_loss(logits, conf, batch, model.vocab, weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip)
+        opt.step()
+        sched.step()
+        step += 1
+        history.append(terms)
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
+        if step % tc.checkpoint_every == 0 or step == tc.steps:
+            _checkpoint(out / "checkpoint.pt", model, opt, sched, rng, step)
+    bar.close()
+    summary = {"train": asdict(tc), "seconds_this_run": round(time.perf_counter() - start, 1),
+               "final_terms": _average(history[-50:])}
+    save_drafter(drafter, out, summary)
+    return out
+
+
+def _to(batch, device: torch.device):
+    if device.type == "cpu":
+        return batch
+    for name, value in vars(batch).items():
+        if isinstance(value, torch.Tensor):
+            setattr(batch, name, value.to(device))
+    return batch
+
+
+def _average(history: list[dict]) -> dict:
+    keys = history[0].keys() if history else ()
+    return {k: round(sum(h[k] for h in history) / len(history), 4) for k in keys}
+
+
+def _checkpoint(path: Path, model, opt, sched, rng: random.Random, step: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "step": step}, tmp)
+    tmp.rename(path)
+
+
+def _resume(path: Path, model, opt, sched, rng: random.Random) -> int:
+    if not path.exists():
+        return 0
+    state = torch.load(path, weights_only=False)
+    model.load_state_dict(state["model"], strict=False)
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    rng.setstate(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])
+
+
+def describe(tc: TrainConfig) -> str:
+    return json.dumps(asdict(tc))

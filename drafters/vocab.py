@@ -1,0 +1,44 @@
+"""The target's frozen embedding and LM head, shared with every drafter (never stored twice).
+
+Drafters propose tokens from a draft vocabulary: the `draft_vocab` target tokens seen most often
+in the training answers (ids stored with the drafter's weights). Their LM head is those rows of
+the target's LM head, so a draft distribution p_d over the subset is a valid distribution over the
+whole vocabulary (zero elsewhere) and rejection sampling stays lossless. Inputs (the anchor can be
+any target token) use the full target embedding.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SharedVocab(nn.Module):
+    def __init__(self, embedding: torch.Tensor, lm_head: torch.Tensor, vocab_ids: torch.Tensor) -> None:
+        """embedding: [V, d] and lm_head: [V, d] of the target; vocab_ids: [Vd] draft -> target id."""
+        super().__init__()
+        self.register_buffer("embedding", embedding.float(), persistent=False)  # [V, d]
+        self.register_buffer("lm_head", lm_head[vocab_ids].float(), persistent=False)  # [Vd, d]
+        self.register_buffer("vocab_ids", vocab_ids.long(), persistent=False)  # [Vd]
+        to_draft = torch.full((embedding.shape[0],), len(vocab_ids), dtype=torch.long)
+        to_draft[vocab_ids] = torch.arange(len(vocab_ids))
+        self.register_buffer("to_draft", to_draft, persistent=False)  # [V], Vd = not drafted
+
+    @property
+    def size(self) -> int:
+        return self.lm_head.shape[0]
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """[...] target ids -> [..., d]."""
+        return self.embedding[token_ids]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., d] -> [..., Vd] draft-vocabulary logits."""
+        return hidden @ self.lm_head.T
+
+
+def choose_draft_vocab(token_counts: torch.Tensor, size: int, always: tuple[int, ...]) -> torch.Tensor:
+    """The `size` most frequent tokens (always including `always`, e.g. EOS), sorted by id."""
+    counts = token_counts.clone().float()
+    counts[list(always)] = float("inf")
+    top = torch.topk(counts, min(size, len(counts))).indices
+    return torch.sort(top).values

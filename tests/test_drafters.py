@@ -1,0 +1,205 @@
+"""Drafters: the training path (block mask over a packed batch) equals the cached inference path;
+loss terms against hand computations; save/load round trip."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from drafters.config import DrafterConfig
+from drafters.data import Sequence
+from drafters.losses import DSPARK_LOSS, CE_LOSS, drafter_loss, position_weights
+from drafters.packing import pack, valid_anchors
+from drafters.registry import build_drafter, load_drafter, save_drafter
+from drafters.vocab import SharedVocab
+
+V, D, N_FEAT = 61, 32, 3
+
+
+def tiny_config(method: str, head: str = "none", gamma: int = 4, layers: int = 2) -> DrafterConfig:
+    return DrafterConfig(method=method, target="tiny", hidden_size=D, feature_layers=(1, 2, 3),
+                         draft_vocab=40, target_vocab=V, head=head,
+                         block_size=1 if method == "mtp1" else gamma, num_layers=layers,
+                         num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48,
+                         head_rank=6)
+
+
+def tiny_target(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(embedding [V, D], LM head [V, D], draft vocabulary ids [40])."""
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(V, D, generator=g)
+    head = torch.randn(V, D, generator=g) * 0.3
+    return emb, head, torch.sort(torch.randperm(V, generator=g)[:40]).values
+
+
+def tiny_vocab(seed: int = 0) -> SharedVocab:
+    return SharedVocab(*tiny_target(seed))
+
+
+def tiny_sequence(seq_id: int, length: int, prompt: int, seed: int) -> Sequence:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(length, dtype=torch.bool)
+    mask[prompt:] = True
+    return Sequence(seq_id, torch.randint(0, V, (length,), generator=g), mask,
+                    torch.randn(length, N_FEAT, D, generator=g).half(),
+                    torch.randn(length, D, generator=g).half(), torch.rand(length, generator=g) + 3)
+
+
+CASES = [("dspark", "markov"), ("dspark", "rnn"), ("dflash", "none"), ("eagle3", "none"),
+         ("mtp1", "none")]
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Non-trivial weights everywhere (zero-initialised heads would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 0.1) + (p.dim() == 1))
+
+
+@pytest.mark.parametrize("method,head", CASES)
+def test_training_path_equals_cached_inference(method: str, head: str) -> None:
+    torch.manual_seed(0)
+    drafter = build_drafter(tiny_config(method, head), tiny_vocab())
+    randomize(drafter.model, 1)
+    seqs = [tiny_sequence(0, 23, 5, 1), tiny_sequence(1, 17, 3, 2), tiny_sequence(2, 30, 9, 3)]
+    batch = pack(seqs, drafter.gamma, anchors_per_seq=4, rng=random.Random(0))
+    with torch.no_grad():
+        logits, conf = drafter.model.train_forward(batch)
+    assert batch.num_blocks >= 10
+    for b in range(batch.num_blocks):
+        s = next(i for i, blk in enumerate(batch.seq_blocks) if blk.start <= b < blk.stop)
+        a = int(batch.anchor_pos[b])
+        seq = seqs[s]
+        rid = f"r{b}"
+        drafter.add(rid)
+        # context arrives in two pieces, as it would over two rounds
+        cut = max(1, a // 2)
+        drafter.extend(rid, seq.tokens[:cut], seq.features[:cut])
+        drafter.extend(rid, seq.tokens[cut:a], seq.features[cut:a])
+        out = drafter.propose([rid], seq.tokens[a:a + 1], torch.zeros(1),
+                              forced=batch.labels[b:b + 1])
+        valid = batch.valid[b]
+        assert torch.equal(out.probs[0].argmax(-1)[valid], logits[b].argmax(-1)[valid])
+        ref = drafter.model.vocab.vocab_ids[logits[b].argmax(-1)]
+        assert torch.equal(out.tokens[0][valid], ref[valid])
+        if conf is not None:
+            torch.testing.assert_close(out.confidences[0][valid], torch.sigmoid(conf[b])[valid],
+                                       rtol=1e-5, atol=1e-6)
+        # the full distributions too, at temperature 1
+        out1 = drafter.propose([rid], seq.tokens[a:a + 1], torch.ones(1), forced=batch.labels[b:b + 1])
+        torch.testing.assert_close(out1.probs[0][valid], torch.softmax(logits[b], -1)[valid],
+                                   rtol=1e-5, atol=1e-6)
+        drafter.remove(rid)
+
+
+@pytest.mark.parametrize("method,head", [("dspark", "rnn"), ("eagle3", "none")])
+def test_batched_proposals_equal_one_at_a_time(method: str, head: str) -> None:
+    drafter = build_drafter(tiny_config(method, head), tiny_vocab())
+    randomize(drafter.model, 2)
+    seqs = [tiny_sequence(i, 12 + 5 * i, 2, 10 + i) for i in range(3)]
+    for i, s in enumerate(seqs):
+        drafter.add(f"r{i}")
+        drafter.extend(f"r{i}", s.tokens[:-1], s.features[:-1])
+    anchors = torch.stack([s.tokens[-1] for s in seqs])
+    together = drafter.propose(["r0", "r1", "r2"], anchors, torch.zeros(3))
+    for i in range(3):
+        alone = drafter.propose([f"r{i}"], anchors[i:i + 1], torch.zeros(1))
+        assert torch.equal(alone.tokens[0], together.tokens[i])
+
+
+def test_rollback_restores_the_shorter_context() -> None:
+    drafter = build_drafter(tiny_config("eagle3"), tiny_vocab())
+    randomize(drafter.model, 3)
+    s = tiny_sequence(0, 20, 2, 4)
+    drafter.add("a")
+    drafter.add("b")
+    drafter.extend("a", s.tokens[:12], s.features[:12])
+    drafter.extend("b", s.tokens[:15], s.features[:15])
+    drafter.rollback("b", 12)
+    assert drafter.context_length("b") == 12
+    pa = drafter.propose(["a"], s.tokens[12:13], torch.ones(1))
+    pb = drafter.propose(["b"], s.tokens[12:13], torch.ones(1))
+    torch.testing.assert_close(pa.probs[0, 0], pb.probs[0, 0])
+
+
+def test_save_load_round_trip_stores_only_trainable_parts(tmp_path) -> None:
+    vocab = tiny_vocab()
+    drafter = build_drafter(tiny_config("dspark", "markov"), vocab)
+    randomize(drafter.model, 4)
+    save_drafter(drafter, tmp_path / "d")
+    from safetensors.torch import load_file
+    stored = load_file(str(tmp_path / "d" / "weights.safetensors"))
+    assert not any("embedding" == k or k.startswith("vocab.") for k in stored)
+    loaded = load_drafter(str(tmp_path / "d"), vocab.embedding, torch.randn(V, D))
+    assert torch.equal(loaded.model.vocab.vocab_ids, vocab.vocab_ids)
+    for (k, v), (k2, v2) in zip(drafter.model.named_parameters(), loaded.model.named_parameters()):
+        assert k == k2 and torch.equal(v.half().float(), v2)
+    with pytest.raises(ValueError, match="vocabulary"):
+        load_drafter(str(tmp_path / "d"), torch.randn(V + 1, D), torch.randn(V + 1, D))
+
+
+# ---- loss terms against hand computations ------------------------------------------------------
+def hand_loss_terms(logits, conf, batch, vocab):
+    gamma = logits.shape[1]
+    sums = {"ce": 0.0, "l1": 0.0, "bce": 0.0}
+    wsum = {"ce": 0.0, "l1": 0.0, "bce": 0.0}
+    for b in range(logits.shape[0]):
+        for k in range(gamma):
+            if not batch.valid[b, k]:
+                continue
+            w = math.exp(-k / 4.0)
+            p_d = torch.softmax(logits[b, k].double(), -1)
+            z = batch.target_final[b, k].double() @ vocab.lm_head.double().T - batch.target_lse[b, k]
+            p_t = z.exp()
+            l1 = sum(abs(float(p_d[i] - p_t[i])) for i in range(vocab.size)) + (1 - float(p_t.sum()))
+            sums["l1"] += w * l1
+            wsum["l1"] += w
+            label = int(batch.labels[b, k])
+            hits = (vocab.vocab_ids == label).nonzero()
+            if len(hits):
+                sums["ce"] += w * -math.log(float(p_d[int(hits[0])]))
+                wsum["ce"] += w
+            c = 1 / (1 + math.exp(-float(conf[b, k])))
+            y = max(0.0, min(1.0, 1 - l1 / 2))
+            sums["bce"] += w * -(y * math.log(c) + (1 - y) * math.log(1 - c))
+            wsum["bce"] += w
+    return {k: sums[k] / wsum[k] for k in sums}
+
+
+def test_each_loss_term_matches_a_hand_computation() -> None:
+    emb, head, ids = tiny_target()
+    vocab = SharedVocab(emb, head, ids)
+    seqs = [tiny_sequence(0, 14, 3, 5), tiny_sequence(1, 9, 2, 6)]
+    batch = pack(seqs, 3, anchors_per_seq=3, rng=random.Random(1))
+    # the real log-sum-exp over the whole vocabulary: p_t has mass outside the draft vocabulary
+    batch.target_lse = torch.logsumexp(batch.target_final @ head.T, -1)
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(batch.num_blocks, 3, vocab.size, generator=g)
+    conf = torch.randn(batch.num_blocks, 3, generator=g)
+    loss, terms = drafter_loss(logits, conf, batch, vocab, DSPARK_LOSS)
+    hand = hand_loss_terms(logits, conf, batch, vocab)
+    for k in ("ce", "l1", "bce"):
+        assert terms[k] == pytest.approx(hand[k], rel=1e-4), k
+    assert float(loss) == pytest.approx(0.1 * hand["ce"] + 0.9 * hand["l1"] + hand["bce"], rel=1e-4)
+    ce_only, ce_terms = drafter_loss(logits, None, batch, vocab, CE_LOSS)
+    assert float(ce_only) == pytest.approx(hand["ce"], rel=1e-4) and set(ce_terms) == {"ce"}
+
+
+def test_packing_respects_supervision_and_sequence_ends() -> None:
+    seqs = [tiny_sequence(0, 10, 6, 8), tiny_sequence(1, 12, 2, 9)]
+    batch = pack(seqs, 4, anchors_per_seq=50, rng=random.Random(2))
+    assert batch.num_blocks == len(valid_anchors(seqs[0])) + len(valid_anchors(seqs[1]))
+    for b in range(batch.num_blocks):
+        s = 0 if b < batch.seq_blocks[0].stop else 1
+        a = int(batch.anchor_pos[b])
+        assert seqs[s].loss_mask[a] and seqs[s].loss_mask[a + 1]
+        for k in range(4):
+            inside = a + k + 1 < len(seqs[s].tokens)
+            assert bool(batch.valid[b, k]) == inside
+            if inside:
+                assert int(batch.labels[b, k]) == int(seqs[s].tokens[a + k + 1])
+                assert int(batch.prev[b, k]) == int(seqs[s].tokens[a + k])
+    assert position_weights(3, 4.0)[0] == 1.0
