@@ -15,7 +15,7 @@ class DrafterConfig:
     feature_layers: tuple[int, ...]  # target layer outputs fused into the context (DSPARK.md §2)
     draft_vocab: int  # size of the draft vocabulary (a subset of the target's, ids stored beside)
     target_vocab: int  # the target's vocabulary size
-    head: str = "markov"  # dspark's sequential head: markov | rnn; "none" for the others
+    head: str = "none"  # dspark's sequential head: markov | rnn; "none" for the others
     block_size: int = 7  # gamma: tokens drafted per round (mtp1: 1)
     num_layers: int = 2  # backbone depth (equal across methods for a fair comparison)
     num_heads: int = 9

@@ -123,10 +123,25 @@ class ModelRunner:
         return StepResult(dict(zip(sample_rows, tokens)), hidden[:, :-1] if capture_layers else None,
                           final, torch.logsumexp(logits, dim=-1))
 
-    def lm_head_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """[len(token_ids), d] float32 rows of the target's LM head (drafters share them)."""
-        return self.model.lm_head.weight.detach()[token_ids.to(self.device)].float().cpu()
+    @torch.inference_mode()
+    def score(self, requests: list, new_tokens: list[list[int]],
+              capture_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One flattened forward of new_tokens[r] appended at requests[r].num_computed_tokens
+        (their KV blocks already grown); logits of EVERY new row, as verification needs.
+        Returns (logits [T, V] float32, hidden [T, n_capture, d] or None)."""
+        ids = [t for toks in new_tokens for t in toks]
+        lens = [len(toks) for toks in new_tokens]
+        seq_lens = [r.num_computed_tokens + n for r, n in zip(requests, lens)]
+        attn = build_attention_batch(lens, seq_lens, [r.block_table for r in requests],
+                                     self.block_size, self.device)
+        rows = torch.arange(len(ids), device=self.device)
+        return self.model(torch.tensor(ids, device=self.device), attn.token_pos, self.kv_caches,
+                          attn, rows, capture_layers)
 
-    def embedding_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """[len(token_ids), d] float32 rows of the target's input embedding."""
-        return self.model.embed_tokens.weight.detach()[token_ids.to(self.device)].float().cpu()
+    def embedding_and_lm_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's [V, d] input embedding and LM head, float32 on the CPU (drafters share
+        them rather than storing copies)."""
+        emb = self.model.embed_tokens.weight.detach().float().cpu()
+        if self.model.lm_head.weight is self.model.embed_tokens.weight:
+            return emb, emb
+        return emb, self.model.lm_head.weight.detach().float().cpu()
