@@ -65,7 +65,7 @@ class ChainDrafterModel(nn.Module):
                        for r in batch.seq_rows])  # [T, d]
         empty = [(ctx.new_zeros(0, self.cfg.num_kv_heads, self.cfg.head_dim),) * 2] * len(self.layers)
         causal = [Group(r, slice(0, 0), torch.ones(r.stop - r.start, r.stop - r.start,
-                                                   dtype=torch.bool).tril())
+                                                   dtype=torch.bool, device=ctx.device).tril())
                   for r in batch.seq_rows]
         out, ctx_kv = self.run(self.entry(batch.tokens, g), batch.positions, empty, causal)
         o = out[batch.anchor_rows]  # [N, d] step 1 of every block
@@ -84,18 +84,18 @@ class ChainDrafterModel(nn.Module):
     def _step_groups(self, batch: PackedBatch, k: int) -> list[Group]:
         """Step k (0-based, k >= 1): block b sees context entries at positions <= a_b (its
         step 1 included) and its own earlier steps. Keys are [context T ; steps 1..k-1 (N each)]."""
-        total, n_all = batch.tokens.shape[0], batch.num_blocks
+        total, n_all, dev = batch.tokens.shape[0], batch.num_blocks, batch.tokens.device
         groups = []
         for rows, blocks in zip(batch.seq_rows, batch.seq_blocks):
             n = blocks.stop - blocks.start
             if n == 0:
                 continue
             anchor = batch.anchor_pos[blocks]  # [n]
-            step_rows = [total + s * n_all + torch.arange(blocks.start, blocks.stop)
+            step_rows = [total + s * n_all + torch.arange(blocks.start, blocks.stop, device=dev)
                          for s in range(k - 1)]
-            ctx_rows = torch.cat([torch.arange(rows.start, rows.stop)] + step_rows)
+            ctx_rows = torch.cat([torch.arange(rows.start, rows.stop, device=dev)] + step_rows)
             sees_ctx = batch.positions[rows][None, :] <= anchor[:, None]  # [n, T_s]
-            own = torch.eye(n, dtype=torch.bool)
+            own = torch.eye(n, dtype=torch.bool, device=dev)
             mask = torch.cat([sees_ctx] + [own] * (k - 1) + [own], dim=1)
             groups.append(Group(blocks, ctx_rows, mask))
         return groups

@@ -34,8 +34,8 @@ DATA_FORMAT = 1
 
 
 def default_feature_layers(num_layers: int, n: int = 5) -> tuple[int, ...]:
-    """n layer outputs spread from the second layer to three before the last (DSPARK.md §2:
-    spread over the depth, never the final post-norm state). Index i = output of layer i."""
+    """n layer outputs spread evenly from layer 1 to layer L-2 (DSPARK.md §2: over the depth,
+    never the final state). Index i = output of layer i; 30 layers -> (1, 8, 14, 21, 28)."""
     if num_layers < 4:
         return tuple(range(1, num_layers + 1))[:n]
     n = min(n, num_layers - 2)

@@ -66,7 +66,7 @@ def drafter_loss(logits: torch.Tensor, conf_logits: torch.Tensor | None, batch: 
             bce = F.binary_cross_entropy_with_logits(conf_logits, soft, reduction="none")
             terms["bce"] = _mean(bce, w)
     loss = sum(getattr(weights, k) * v for k, v in terms.items())
-    return loss, {k: float(v) for k, v in terms.items()}
+    return loss, {k: float(v.detach()) for k, v in terms.items()}
 
 
 def _mean(values: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

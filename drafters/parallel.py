@@ -45,7 +45,7 @@ class ParallelDrafterModel(nn.Module):
         g = self.cfg.block_size
         h = self.mask_embedding.expand(anchors.shape[0], g, -1).clone()  # [N, g, d]
         h[:, 0] = self.vocab.embed(anchors)
-        positions = (anchor_pos[:, None] + torch.arange(g)).flatten()  # [N*g]
+        positions = (anchor_pos[:, None] + torch.arange(g, device=anchors.device)).flatten()  # [N*g]
         h = h.flatten(0, 1)
         for layer, (k, v) in zip(self.layers, ctx_kv):
             h, _ = layer(h, positions, k, v, groups)
@@ -86,7 +86,7 @@ class ParallelDrafterModel(nn.Module):
             ctx_pos = batch.positions[rows]  # [T_s]
             anchor = batch.anchor_pos[blocks].repeat_interleave(g)  # [n*g]
             sees_ctx = ctx_pos[None, :] < anchor[:, None]  # [n*g, T_s]
-            block_id = torch.arange(n).repeat_interleave(g)
+            block_id = torch.arange(n, device=anchor.device).repeat_interleave(g)
             sees_block = block_id[:, None] == block_id[None, :]  # [n*g, n*g]
             groups.append(Group(slice(blocks.start * g, blocks.stop * g), rows,
                                 torch.cat([sees_ctx, sees_block], dim=1)))
@@ -110,7 +110,7 @@ class ParallelDrafter(Drafter):
         g, model = self.gamma, self.model
         ctx_kv, rows = cat_caches(caches, len(model.layers))
         groups = [Group(slice(r * g, (r + 1) * g), rows[r], None) for r in range(len(caches))]
-        anchor_pos = torch.tensor([c.length for c in caches])
+        anchor_pos = torch.tensor([c.length for c in caches], device=anchors.device)
         hidden = model.backbone(anchors, anchor_pos, ctx_kv, groups)  # [R, g, d]
         base = model.vocab.logits(hidden)  # [R, g, Vd]
         state = hidden.new_zeros(len(caches), self.config.head_rank)

@@ -201,20 +201,20 @@ class CausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer, [num_slots, Hkv, D] x2
         batch: AttentionBatch,
         logits_indices: torch.Tensor,  # [S] rows of the batch whose next token is wanted
-        capture_layers: tuple[int, ...] = (),  # 0 = embeddings, i = output of layer i
+        capture_layers: tuple[int, ...] = (),  # 0 = embeddings, i = output of layer i, in this order
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (logits [S, V] float32, hidden [T, len(capture_layers), d] or None)."""
         h = self.embed_tokens(input_ids)  # [T, d]
         if self.float32_batches and h.shape[0] > 1:
             h = h.float()  # emulated bf16: batched steps compute in float32 (see Linear)
         rope = self.rope.tables(positions, h.dtype)
-        captured = [h] if 0 in capture_layers else []
+        saved = {0: h} if 0 in capture_layers else {}
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, kv_caches[i], batch)
             if i + 1 in capture_layers:
-                captured.append(h)
+                saved[i + 1] = h
         logits = self.lm_head(self.norm(h[logits_indices])).float()  # [S, V]
-        hidden = torch.stack(captured, dim=1) if captured else None
+        hidden = torch.stack([saved[i] for i in capture_layers], dim=1) if saved else None
         return logits, hidden
 
     @classmethod

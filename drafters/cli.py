@@ -1,0 +1,117 @@
+"""`dspark train data`, `dspark train drafter`, `dspark eval` (wired into server/cli.py).
+
+Heavy imports happen inside the handlers, so `dspark serve` never loads training code.
+"""
+from __future__ import annotations
+
+import argparse
+
+from drafters.config import METHODS
+
+SHIPPED_HELP = "a shipped drafter (dspark, dspark-rnn, dflash, eagle3, mtp1) or a drafter directory"
+
+
+def add_commands(sub) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    train = sub.add_parser("train", help="make drafter training data; train drafters")
+    which = train.add_subparsers(dest="train", required=True)
+    d = which.add_parser("data", help="the target answers training prompts; cache its features",
+                         formatter_class=fmt)
+    d.add_argument("--out", default="runs/data", help="data directory (resumable)")
+    d.add_argument("--per-domain", type=int, default=600, help="prompts per domain (math, code, chat)")
+    d.add_argument("--max-new-tokens", type=int, default=256)
+    d.add_argument("--batch", type=int, default=64, help="prompts answered concurrently")
+    d.add_argument("--model", default="", help="target checkpoint (default: the embedded model)")
+    d.add_argument("--num-threads", type=int, default=0)
+    t = which.add_parser("drafter", help="train one drafter on cached data", formatter_class=fmt)
+    t.add_argument("--data", default="runs/data")
+    t.add_argument("--out", required=True, help="drafter directory (resumes from its checkpoint)")
+    t.add_argument("--method", choices=METHODS, default="dspark")
+    t.add_argument("--head", choices=("markov", "rnn"), default="markov", help="dspark only")
+    t.add_argument("--block-size", type=int, default=7)
+    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--draft-vocab", type=int, default=8192)
+    t.add_argument("--steps", type=int, default=1500)
+    t.add_argument("--seqs-per-step", type=int, default=8)
+    t.add_argument("--anchors-per-seq", type=int, default=24)
+    t.add_argument("--lr", type=float, default=6e-4)
+    t.add_argument("--model", default="", help="target checkpoint (default: the embedded model)")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--num-threads", type=int, default=0)
+    e = sub.add_parser("eval", help="acceptance length of drafters per domain", formatter_class=fmt)
+    e.add_argument("--drafter", action="append", required=True, help=SHIPPED_HELP + "; repeatable")
+    e.add_argument("--temperature", type=float, default=0.0)
+    e.add_argument("--prompts", default=None, help='JSONL of {"domain": ..., "prompt": ...} lines '
+                   "(default: the held-out math/code/chat sets)")
+    e.add_argument("--per-domain", type=int, default=20, help="prompts per built-in set")
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--batch", type=int, default=10, help="prompts generated concurrently")
+    e.add_argument("--json", default=None)
+    e.add_argument("--plot", default=None, help="PNG of conditional acceptance per position")
+    e.add_argument("--model", default="", help="target checkpoint (default: the embedded model)")
+    e.add_argument("--num-threads", type=int, default=0)
+
+
+def run(args) -> int:
+    import torch
+
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    if args.command == "eval":
+        return _eval(args)
+    if args.train == "data":
+        return _train_data(args)
+    return _train_drafter(args)
+
+
+def _core(model: str, num_threads: int):
+    from engine.config import EngineConfig
+    from engine.core import EngineCore
+    from server.text import TextProcessor
+
+    core = EngineCore.from_config(EngineConfig(model=model, num_threads=num_threads,
+                                               max_num_seqs=64, max_num_batched_tokens=1024))
+    return core, TextProcessor.from_dir(core.tokenizer_dir)
+
+
+def _train_data(args) -> int:
+    from drafters.data import DataConfig, build_training_data
+
+    cfg = DataConfig(args.out, n_per_domain=args.per_domain, max_new_tokens=args.max_new_tokens,
+                     batch=args.batch)
+    core, text = _core(args.model, args.num_threads)
+    out = build_training_data(core, text, cfg)
+    print(f"training data in {out}")
+    return 0
+
+
+def _train_drafter(args) -> int:
+    from drafters.train import TrainConfig, train
+
+    cfg = TrainConfig(args.data, args.out, method=args.method, head=args.head,
+                      block_size=args.block_size, num_layers=args.layers,
+                      draft_vocab=args.draft_vocab, steps=args.steps,
+                      seqs_per_step=args.seqs_per_step, anchors_per_seq=args.anchors_per_seq,
+                      lr=args.lr, model=args.model, device=args.device)
+    print(f"drafter saved in {train(cfg)}")
+    return 0
+
+
+def _eval(args) -> int:
+    from drafters.evaluate import evaluate, write_outputs
+    from drafters.prompts import eval_prompts, read_prompts
+    from drafters.registry import load_drafter, resolve_drafter_path
+
+    for name in args.drafter:
+        resolve_drafter_path(name)  # a bad name fails before the model loads
+    prompts = read_prompts(args.prompts) if args.prompts else eval_prompts(args.per_domain)
+    core, text = _core(args.model, args.num_threads)
+    emb, head = core.runner.embedding_and_lm_head()
+    drafters = {name: load_drafter(name, emb, head) for name in args.drafter}
+    report = evaluate(core, text, drafters, prompts, args.temperature, args.max_new_tokens,
+                      args.batch)
+    write_outputs(report, args.json, args.plot)
+    for name, r in report["drafters"].items():
+        taus = " ".join(f"{d}={v:.3f}" for d, v in r["tau"].items())
+        print(f"{name}: tau {taus}")
+    return 0
