@@ -22,6 +22,9 @@ from engine.request import Request, Status
 class ScheduledBatch:
     requests: tuple[Request, ...]
     num_new_tokens: tuple[int, ...]  # tokens of each request in this step's forward
+    # speculative decoding: budget and KV slots reserved after a decode request's token for
+    # drafts (0 for prefill chunks and without speculation)
+    num_lookahead: tuple[int, ...] = ()
 
     @property
     def total_tokens(self) -> int:
@@ -58,22 +61,28 @@ class Batcher:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, lookahead: int = 0) -> ScheduledBatch:
+        """lookahead: drafted tokens a decoding request may add to this step (speculation);
+        they take budget and KV slots like any token, but only as far as both allow."""
         budget = self.config.max_num_batched_tokens
         chosen: list[Request] = []
         counts: list[int] = []
+        extra: list[int] = []
         for request in list(self.running):
             if budget == 0:
                 break
             if request.status is not Status.RUNNING:  # preempted by an older request below
                 continue
             n = min(request.num_uncomputed, budget)
-            if n > 0 and self._grow_or_preempt(request, request.num_computed_tokens + n):
+            k = min(lookahead, budget - n) if n == request.num_uncomputed == 1 else 0
+            if n > 0 and self._grow_or_preempt(request, request.num_computed_tokens + n + k):
                 chosen.append(request)
                 counts.append(n)
-                budget -= n
+                extra.append(k)
+                budget -= n + k
         budget = self._admit(budget, chosen, counts)
-        return ScheduledBatch(tuple(chosen), tuple(counts))
+        extra += [0] * (len(counts) - len(extra))
+        return ScheduledBatch(tuple(chosen), tuple(counts), tuple(extra))
 
     def _admit(self, budget: int, chosen: list[Request], counts: list[int]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:

@@ -80,6 +80,9 @@ class ModelConfig:
         )
 
 
+SPEC_METHODS = ("none", "dspark", "dflash", "eagle3", "mtp1")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How the engine runs. `model` is an HF checkpoint dir, a .gguf file, or "" for the default."""
@@ -96,8 +99,16 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # per-step token budget (decode tokens + prefill chunks)
     max_waiting: int = 256  # bound of the waiting queue; beyond it requests are rejected (429)
     num_threads: int = 0  # CPU threads for torch; 0 keeps torch's default
+    # speculative decoding (engine/speculator.py): none, or a drafter name/path and the method
+    spec_method: str = "none"  # none | dspark | dflash | eagle3 | mtp1
+    drafter: str = ""  # shipped drafter name or directory; "" = the shipped one of spec_method
+    block_size: int = 0  # most drafted tokens verified per request and round; 0 = drafter's gamma
 
     def __post_init__(self) -> None:
+        if self.spec_method not in SPEC_METHODS:
+            raise ValueError(f"method must be one of {SPEC_METHODS}, got {self.spec_method!r}")
+        if self.block_size < 0:
+            raise ValueError(f"block size must be >= 0 (0: the drafter's own), got {self.block_size}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.kv_block_size < 1 or self.max_num_seqs < 1 or self.max_waiting < 0:

@@ -12,10 +12,25 @@ import torch
 from engine.batcher import Batcher
 from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache import BlockPool, blocks_for
-from engine.messages import AddRequest, EngineInfo, EngineStats, RequestOutput
+from engine.allocation import AllocationPolicy, FixedLength
+from engine.messages import AddRequest, EngineInfo, EngineStats, RequestOutput, SpecDecodeStats
 from engine.model_runner import ModelRunner
 from engine.request import Request
+from engine.speculator import Speculator
 from engine.weights import load_model_config, load_state_dict, resolve_checkpoint
+
+
+def load_engine_drafter(config: EngineConfig, runner: ModelRunner):
+    """The drafter of config.spec_method: config.drafter or the shipped one of that method."""
+    from drafters.registry import load_drafter
+
+    drafter = load_drafter(config.drafter or config.spec_method, *runner.embedding_and_lm_head())
+    if drafter.config.method != config.spec_method:
+        raise ValueError(f"drafter {config.drafter!r} is a {drafter.config.method} drafter, "
+                         f"not {config.spec_method}")
+    if max(drafter.config.feature_layers) > runner.model_cfg.num_layers:
+        raise ValueError("the drafter reads target layers this model does not have")
+    return drafter
 
 
 class EngineCore:
@@ -31,6 +46,7 @@ class EngineCore:
         limit = config.max_model_len or model_cfg.max_position
         self.max_model_len = min(limit, model_cfg.max_position, num_blocks * config.kv_block_size)
         self.requests: dict[str, Request] = {}
+        self.spec: Speculator | None = None
         self.last_step_tokens = 0
         self.last_step_seconds = 0.0
 
@@ -38,7 +54,17 @@ class EngineCore:
     def from_config(cls, config: EngineConfig) -> EngineCore:
         ckpt, name = resolve_checkpoint(config.model)
         model_cfg = load_model_config(ckpt, config.served_model_name or name)
-        return cls(config, model_cfg, load_state_dict(ckpt), tokenizer_dir=str(ckpt))
+        core = cls(config, model_cfg, load_state_dict(ckpt), tokenizer_dir=str(ckpt))
+        if config.spec_method != "none":
+            core.enable_speculation(load_engine_drafter(config, core.runner))
+        return core
+
+    def enable_speculation(self, drafter, policy: AllocationPolicy | None = None) -> None:
+        """Decode speculatively with this drafter; policy defaults to verifying
+        config.block_size (or the drafter's whole block) drafted tokens per request."""
+        cap = self.config.block_size or drafter.gamma
+        self.spec = Speculator(drafter, policy or FixedLength(cap), cap, self.model_cfg.vocab_size,
+                               self.model_cfg.eos_token_ids, self.max_model_len, self.runner.device)
 
     # ---- requests --------------------------------------------------------------------------
     def add(self, message: AddRequest) -> RequestOutput:
@@ -64,6 +90,7 @@ class EngineCore:
         if request is None:
             return None
         self.batcher.remove(request)
+        self._forget(request)
         request.finish("abort")
         return RequestOutput(request_id, request.take_new_tokens(), finish_reason="abort")
 
@@ -73,6 +100,11 @@ class EngineCore:
 
     # ---- one step --------------------------------------------------------------------------
     def step(self, observer=None) -> list[RequestOutput]:
+        if self.spec is not None and observer is None:
+            return self._spec_step()
+        return self._plain_step(observer)
+
+    def _plain_step(self, observer=None) -> list[RequestOutput]:
         """observer(batch, result), if given, sees every step's batch before its requests
         advance, with hidden states of observer.capture_layers (drafter training data)."""
         start = time.perf_counter()
@@ -95,6 +127,36 @@ class EngineCore:
         self.last_step_seconds = time.perf_counter() - start
         return outputs
 
+    def _spec_step(self) -> list[RequestOutput]:
+        """One speculative round (engine/speculator.py): draft -> verify -> accept -> commit."""
+        start = time.perf_counter()
+        batch = self.batcher.schedule(lookahead=self.spec.max_verify)
+        if not batch.requests:
+            return []
+        plan = self.spec.plan(batch)
+        logits, hidden, counts = self.runner.execute_spec(batch, plan.drafts,
+                                                          self.spec.capture_layers)
+        emitted, accepted = self.spec.accept(batch, plan, logits, counts)
+        self.spec.commit(batch, plan, hidden, accepted)
+        outputs = []
+        for row, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            request.num_computed_tokens += n + accepted[row]
+            self.pool.rollback(request, request.num_computed_tokens)  # rejected and unused slots
+            for token in emitted[row]:
+                request.append_token(token)
+                self._check_finished(request)
+                if request.is_finished:
+                    break
+            if emitted[row]:
+                outputs.append(self._output(request))
+        self.last_step_tokens = batch.total_tokens + sum(len(d) for d in plan.drafts)
+        self.last_step_seconds = time.perf_counter() - start
+        return outputs
+
+    def _forget(self, request: Request) -> None:
+        if self.spec is not None:
+            self.spec.forget(request.request_id)
+
     def _check_finished(self, request: Request) -> None:
         token, params = request.output_token_ids[-1], request.params
         if token in params.stop_token_ids or (
@@ -106,6 +168,7 @@ class EngineCore:
             request.finish("length")
         if request.is_finished:
             self.batcher.remove(request)
+            self._forget(request)
             del self.requests[request.request_id]
 
     def _output(self, request: Request) -> RequestOutput:
@@ -119,7 +182,8 @@ class EngineCore:
             num_running=len(self.batcher.running), num_waiting=len(self.batcher.waiting),
             kv_blocks_total=self.pool.num_blocks, kv_blocks_free=self.pool.num_free,
             num_preemptions=self.batcher.num_preemptions, step_tokens=self.last_step_tokens,
-            step_seconds=self.last_step_seconds)
+            step_seconds=self.last_step_seconds,
+            spec=self.spec.counters.snapshot() if self.spec else SpecDecodeStats())
 
     def info(self) -> EngineInfo:
         return EngineInfo(

@@ -75,6 +75,28 @@ class RequestOutput:
 
 
 @dataclass(frozen=True)
+class SpecDecodeStats:
+    """Speculative decoding and prefix-scheduler counters, cumulative since the engine started
+    (gauges: the current value). All zero while the engine does not decode speculatively.
+
+    A draft is one request's drafted block in one round; of its γ tokens the scheduler admits ℓ
+    (0..γ) to verification. As in vLLM, num_draft_tokens counts the drafted tokens the target
+    verified (Σ ℓ) and accepted_per_pos[j] the drafts whose token at position j (0-based) was
+    accepted, so acceptance length = 1 + num_accepted_tokens / num_drafts.
+    """
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: tuple[int, ...] = ()  # [γ]
+    verify_length_counts: tuple[int, ...] = ()  # [γ+1]: request-rounds that verified ℓ drafted tokens
+    capacity: int = 0  # K: drafted tokens the scheduler admits to this round's verification
+    calibration_error: float = 0.0  # expected calibration error of the calibrated confidences
+    late_rounds: int = 0  # rounds that used an older capacity because the scheduler was late
+    scheduler_restarts: int = 0  # times the scheduler process died and was restarted
+
+
+@dataclass(frozen=True)
 class EngineStats:
     num_running: int
     num_waiting: int
@@ -83,6 +105,7 @@ class EngineStats:
     num_preemptions: int = 0
     step_tokens: int = 0  # tokens in the last forward pass
     step_seconds: float = 0.0
+    spec: SpecDecodeStats = SpecDecodeStats()
 
 
 @dataclass(frozen=True)

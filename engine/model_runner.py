@@ -124,6 +124,33 @@ class ModelRunner:
                           final, torch.logsumexp(logits, dim=-1))
 
     @torch.inference_mode()
+    def execute_spec(self, batch: ScheduledBatch, drafts: list[list[int]],
+                     capture_layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+        """One flattened verification forward: each request's scheduled tokens, then its drafts
+        (drafts[r], empty for prefill chunks). Logits come back for every position whose next
+        token is wanted: a request that reaches the end of its known tokens gets 1 + len(drafts)
+        rows (its last scheduled token, then each draft), a mid-prompt chunk gets none.
+        Returns (logits [S, V] float32, hidden [T, n_capture, d] or None, rows per request)."""
+        ids: list[int] = []
+        lens, seq_lens, logit_rows, counts = [], [], [], []
+        for request, n, extra in zip(batch.requests, batch.num_new_tokens, drafts):
+            start = request.num_computed_tokens
+            ids.extend(request.token_ids(start, start + n))
+            ids.extend(extra)
+            wanted = 1 + len(extra) if start + n == request.num_tokens else 0
+            logit_rows.extend(range(len(ids) - wanted, len(ids)))
+            counts.append(wanted)
+            lens.append(n + len(extra))
+            seq_lens.append(start + n + len(extra))
+        attn = build_attention_batch(lens, seq_lens, [r.block_table for r in batch.requests],
+                                     self.block_size, self.device)
+        logits, hidden = self.model(torch.tensor(ids, device=self.device), attn.token_pos,
+                                    self.kv_caches, attn,
+                                    torch.tensor(logit_rows, dtype=torch.long, device=self.device),
+                                    capture_layers)
+        return logits, hidden, counts
+
+    @torch.inference_mode()
     def score(self, requests: list, new_tokens: list[list[int]],
               capture_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One flattened forward of new_tokens[r] appended at requests[r].num_computed_tokens

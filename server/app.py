@@ -300,9 +300,11 @@ def validation_error(errors: list[dict]) -> APIError:
 
 
 # ---- the app --------------------------------------------------------------------------------
-def create_app(client: EngineClientLike, text: TextProcessor, served_model_name: str) -> FastAPI:
-    """The HTTP app over a started engine client (`client.info` set)."""
-    metrics = ServerMetrics()
+def create_app(client: EngineClientLike, text: TextProcessor, served_model_name: str,
+               sla_tps: float = 0.0) -> FastAPI:
+    """The HTTP app over a started engine client (`client.info` set). `sla_tps`: the per-user
+    decode tokens/s SLA the metrics count requests against (0: none)."""
+    metrics = ServerMetrics(sla_tps=sla_tps)
     client.on_stats(metrics.on_engine_step)
     serving = OpenAIServing(client, text, served_model_name, metrics)
     app = FastAPI(title="dspark", docs_url=None, redoc_url=None)

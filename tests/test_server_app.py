@@ -438,7 +438,7 @@ async def test_metrics_count_tokens_and_requests(text):
     assert metric(page, "dspark_kv_cache_usage_ratio") == pytest.approx(0.6)
     assert metric(page, "dspark_engine_step_tokens") == 24
     assert metric(page, "dspark_engine_step_seconds") == pytest.approx(0.05)
-    assert metric(page, "dspark_num_preemptions") == 5
+    assert metric(page, "dspark_num_preemptions_total") == 5
     for name in ("dspark_e2e_request_latency_seconds_count", "dspark_request_queue_time_seconds_count"):
         assert metric(page, name) == 2
 

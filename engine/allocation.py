@@ -1,0 +1,32 @@
+"""Allocation policies: how many of each request's drafted tokens the target verifies this round.
+
+    lengths(confidences, capacity_hint) -> l_r in 0..gamma for every drafting request
+
+The engine calls the policy once per round with the drafter's confidences [R, gamma] (None when
+the drafter has no confidence head). Fixed policies ignore them; the prefix scheduler process
+(scheduler/) plugs in through the same interface. Deals in NumPy arrays only.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class AllocationPolicy(Protocol):
+    def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int) -> np.ndarray:
+        """-> [R] int verification lengths, each in 0..gamma."""
+        ...
+
+
+class FixedLength:
+    """Verify min(n, gamma) drafted tokens of every request (n = gamma: the full block;
+    n = 1: one token per round, as MTP-1 production did)."""
+
+    def __init__(self, n: int) -> None:
+        if n < 0:
+            raise ValueError(f"fixed verification length must be >= 0, got {n}")
+        self.n = n
+
+    def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int) -> np.ndarray:
+        return np.full(num_requests, min(self.n, gamma), dtype=np.int64)

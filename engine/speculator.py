@@ -1,0 +1,157 @@
+"""Speculative decoding inside the engine: one round per step for every decoding request.
+
+    plan    draft gamma tokens for each decoding request (batched drafter call), and let the
+            allocation policy choose how many, l_r in 0..gamma, the target verifies
+    (the model runner verifies all [anchor, x_1..x_l] and the prefill chunks in ONE forward)
+    accept  lossless rejection sampling for every request whose next token is due
+            (engine/rejection_sampler.py); a request without drafts just samples (l = 0)
+    commit  the drafter's context grows by what the target computed and kept: prefill chunk
+            rows, and for a decoding request its anchor plus accepted drafts
+
+A request's drafter context always covers exactly its num_computed_tokens tokens (the ones with
+K/V in the cache); after a preemption the context is rolled back with it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from engine.allocation import AllocationPolicy
+from engine.batcher import ScheduledBatch
+from engine.messages import SpecDecodeStats
+from engine.rejection_sampler import (StopTokens, draw_round_randoms, rejection_sample,
+                                      truncate_at_stop)
+from engine.sampler import SamplingTensors, filtered_probs_batch, request_generator
+
+
+@dataclass
+class RoundPlan:
+    drafts: list[list[int]]  # per scheduled request: the l_r drafted tokens it sends to verify
+    draft_probs: torch.Tensor  # [D, V] p_d of those tokens, request by request (D = sum l_r)
+
+
+@dataclass
+class SpecCounters:
+    """Cumulative counters with vLLM's spec-decode meanings (see SpecDecodeStats)."""
+
+    gamma: int
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+    verify_length_counts: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.accepted_per_pos = [0] * self.gamma
+        self.verify_length_counts = [0] * (self.gamma + 1)
+
+    def add(self, length: int, accepted: int) -> None:
+        self.verify_length_counts[length] += 1
+        if length:
+            self.num_drafts += 1
+            self.num_draft_tokens += length
+            self.num_accepted_tokens += accepted
+            for j in range(accepted):
+                self.accepted_per_pos[j] += 1
+
+    def snapshot(self) -> SpecDecodeStats:
+        return SpecDecodeStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
+                               tuple(self.accepted_per_pos), tuple(self.verify_length_counts))
+
+
+class Speculator:
+    def __init__(self, drafter, policy: AllocationPolicy, max_verify: int, vocab_size: int,
+                 eos_token_ids: tuple[int, ...], max_model_len: int, device: torch.device) -> None:
+        self.drafter = drafter
+        self.policy = policy
+        self.gamma = drafter.gamma
+        self.max_verify = min(max_verify, self.gamma)  # the lookahead the batcher reserves
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.device = device
+        self.capture_layers = tuple(drafter.config.feature_layers)
+        self.counters = SpecCounters(self.gamma)
+
+    def forget(self, request_id: str) -> None:
+        self.drafter.remove(request_id)
+
+    # ---- 1. draft and allocate -------------------------------------------------------------
+    def plan(self, batch: ScheduledBatch) -> RoundPlan:
+        rows = []
+        for row, (request, extra) in enumerate(zip(batch.requests, batch.num_lookahead)):
+            self._sync_context(request)
+            if extra and request.num_computed_tokens > 0:
+                rows.append(row)
+        drafts: list[list[int]] = [[] for _ in batch.requests]
+        if not rows:
+            return RoundPlan(drafts, torch.zeros(0, self.vocab_size, device=self.device))
+        requests = [batch.requests[r] for r in rows]
+        temps = torch.tensor([r.params.temperature for r in requests], dtype=torch.float32)
+        anchors = torch.tensor([r.token_ids(r.num_tokens - 1, r.num_tokens)[0] for r in requests])
+        out = self.drafter.propose([r.request_id for r in requests], anchors, temps)
+        conf = None if out.confidences is None else out.confidences.cpu().numpy()
+        room = [min(batch.num_lookahead[row], self.max_model_len - r.num_tokens)
+                for row, r in zip(rows, requests)]  # reserved slots, and the context limit
+        lengths = np.minimum(self.policy.lengths(conf, self.gamma, len(rows)), room)
+        full = out.full_probs(self.vocab_size)  # [R, gamma, V]
+        probs = []
+        for i, row in enumerate(rows):
+            drafts[row] = out.tokens[i, :lengths[i]].tolist()
+            probs.append(full[i, :lengths[i]])
+        return RoundPlan(drafts, torch.cat(probs).to(self.device))
+
+    def _sync_context(self, request) -> None:
+        rid = request.request_id
+        if rid not in self.drafter.caches:
+            self.drafter.add(rid)
+        have = self.drafter.context_length(rid)
+        if have > request.num_computed_tokens:  # preempted and recomputed: start again
+            self.drafter.rollback(rid, request.num_computed_tokens)
+        assert self.drafter.context_length(rid) == request.num_computed_tokens
+
+    # ---- 2. accept ---------------------------------------------------------------------------
+    def accept(self, batch: ScheduledBatch, plan: RoundPlan, logits: torch.Tensor,
+               counts: list[int]) -> tuple[list[list[int]], list[int]]:
+        """-> (emitted tokens per request, accepted drafts per request)."""
+        due = [row for row, c in enumerate(counts) if c]
+        emitted: list[list[int]] = [[] for _ in batch.requests]
+        accepted = [0] * len(batch.requests)
+        if not due:
+            return emitted, accepted
+        requests = [batch.requests[r] for r in due]
+        params = [p for r, row in zip(requests, due) for p in [r.params] * counts[row]]
+        p_t = filtered_probs_batch(logits, SamplingTensors.from_params(params, logits.device))
+        num_drafts = torch.tensor([len(plan.drafts[r]) for r in due], device=logits.device)
+        tokens = torch.tensor([t for r in due for t in plan.drafts[r]], dtype=torch.long,
+                              device=logits.device)
+        randoms = draw_round_randoms([request_generator(r, self.device) for r in requests],
+                                     self.gamma, self.vocab_size, logits.device)
+        out = rejection_sample(p_t, plan.draft_probs, tokens, num_drafts, randoms)
+        stops = StopTokens.from_sets([self._stop_ids(r.params) for r in requests], logits.device)
+        n_emit, _ = truncate_at_stop(out, stops)
+        token_rows, n_emit, n_acc = out.token_ids.tolist(), n_emit.tolist(), out.num_accepted.tolist()
+        for i, row in enumerate(due):
+            emitted[row] = token_rows[i][:n_emit[i]]
+            accepted[row] = n_acc[i]
+            self.counters.add(len(plan.drafts[row]), n_acc[i])
+        return emitted, accepted
+
+    def _stop_ids(self, params) -> list[int]:
+        return list(params.stop_token_ids) + ([] if params.ignore_eos else list(self.eos_token_ids))
+
+    # ---- 3. commit -----------------------------------------------------------------------------
+    def commit(self, batch: ScheduledBatch, plan: RoundPlan, hidden: torch.Tensor,
+               accepted: list[int]) -> None:
+        """Extend every request's drafter context with the rows the target keeps (before the
+        engine advances num_computed_tokens)."""
+        row0 = 0
+        for row, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            keep = n + accepted[row]
+            start = request.num_computed_tokens
+            tokens = request.token_ids(start, start + n) + plan.drafts[row][:accepted[row]]
+            self.drafter.extend(request.request_id, torch.tensor(tokens),
+                                hidden[row0:row0 + keep].float().cpu())
+            row0 += n + len(plan.drafts[row])

@@ -1,0 +1,121 @@
+"""Speculative decoding inside the continuous-batching engine: greedy output (float32) equals
+target-only greedy output token for token, for every drafter, under chunked prefill, preemption
+and aborts; KV blocks and drafter contexts are freed; counters have vLLM's meanings."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drafters.base import ContextCache, Drafter, DraftOutput
+from drafters.config import DrafterConfig
+from engine.allocation import FixedLength
+from engine.config import EngineConfig
+from engine.core import EngineCore
+from engine.messages import AddRequest, SamplingParams
+from tests.test_speculate import drafter_for
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+GREEDY = SamplingParams(temperature=0, max_tokens=24)
+
+
+def make_core(model_dir, **overrides) -> EngineCore:
+    base = dict(model=str(model_dir), dtype="float32", max_num_batched_tokens=64,
+                max_num_seqs=16, kv_cache_tokens=16384, max_model_len=256)
+    return EngineCore.from_config(EngineConfig(**{**base, **overrides}))
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(11)
+    lengths = torch.randint(2, 120, (52,), generator=g).tolist()
+    return [torch.randint(3, 320, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir, prompts) -> list[list[int]]:
+    return make_core(tiny_llama_dir).generate(prompts, GREEDY)
+
+
+class ScriptedDrafter(Drafter):
+    """Drafts the known greedy continuation of each request, wrong at every 5th draft."""
+
+    def __init__(self, config: DrafterConfig, script: dict[str, list[int]]) -> None:
+        super().__init__(config)
+        self.script, self.count = script, 0
+
+    def _extend(self, cache: ContextCache, tokens, features) -> None:
+        cache.ctx = features[:, 0] if cache.ctx is None else torch.cat([cache.ctx, features[:, 0]])
+
+    def propose(self, rids, anchors, temperatures, forced=None):
+        rows = []
+        for rid in rids:
+            n = self.caches[rid].length
+            row = (self.script[rid][n + 1:n + 1 + self.gamma] + [7] * self.gamma)[:self.gamma]
+            for k in range(self.gamma):
+                self.count += 1
+                row[k] = row[k] if self.count % 5 else (row[k] + 1) % 320
+            rows.append(row)
+        tokens = torch.tensor(rows)
+        return DraftOutput(tokens, torch.nn.functional.one_hot(tokens, 320).float(),
+                           torch.arange(320), None)
+
+    def _propose(self, *args):  # propose is overridden
+        raise NotImplementedError
+
+
+def run_with_aborts(core: EngineCore, prompts, abort_every: int = 0) -> dict[str, list[int]]:
+    ids = [f"r{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        assert core.add(AddRequest(rid, tuple(p), GREEDY)).finish_reason is None
+    out = {rid: [] for rid in ids}
+    steps = 0
+    while core.has_work:
+        for o in core.step():
+            out[o.request_id].extend(o.new_token_ids)
+        steps += 1
+        if abort_every and steps == 6:
+            for rid in ids[::abort_every]:
+                core.abort(rid)
+                out.pop(rid)
+    return out
+
+
+@pytest.mark.parametrize("method,head", [("dspark", "markov"), ("dspark", "rnn"), ("dflash", "none"),
+                                         ("eagle3", "none"), ("mtp1", "none")])
+def test_greedy_spec_equals_target_with_chunked_prefill_and_aborts(tiny_llama_dir, prompts,
+                                                                   reference, method, head):
+    core = make_core(tiny_llama_dir)
+    core.enable_speculation(drafter_for(core, method, head))
+    out = run_with_aborts(core, prompts, abort_every=5)
+    assert len(out) == 52 - 11
+    for rid, tokens in out.items():
+        assert tokens == reference[int(rid[1:])], rid
+    assert core.pool.num_free == core.pool.num_blocks
+    assert not core.spec.drafter.caches
+    spec = core.stats().spec
+    assert spec.num_drafts > 0 and sum(spec.verify_length_counts) >= spec.num_drafts
+
+
+def test_long_accepted_drafts_preemption_and_counters(tiny_llama_dir, prompts, reference):
+    core = make_core(tiny_llama_dir, kv_cache_tokens=400)  # small pool: preemptions happen
+    cfg = DrafterConfig(method="dflash", target="tiny", hidden_size=64, feature_layers=(1, 2),
+                        draft_vocab=320, target_vocab=320, block_size=4, num_heads=4,
+                        num_kv_heads=2, head_dim=16)
+    script = {f"r{i}": p + g for i, (p, g) in enumerate(zip(prompts, reference))}
+    core.enable_speculation(ScriptedDrafter(cfg, script))
+    out = run_with_aborts(core, prompts)
+    assert [out[f"r{i}"] for i in range(len(prompts))] == reference
+    assert core.stats().num_preemptions > 0
+    spec = core.stats().spec
+    assert spec.num_draft_tokens == sum(k * c for k, c in enumerate(spec.verify_length_counts))
+    assert spec.num_accepted_tokens == sum(spec.accepted_per_pos)
+    assert 1 + spec.num_accepted_tokens / spec.num_drafts > 2.5  # mean acceptance length
+    assert spec.accepted_per_pos[0] >= spec.accepted_per_pos[1] >= spec.accepted_per_pos[3]
+
+
+def test_fixed_one_policy_verifies_one_draft(tiny_llama_dir, prompts, reference):
+    core = make_core(tiny_llama_dir)
+    core.enable_speculation(drafter_for(core, "dflash"), FixedLength(1))
+    assert core.generate(prompts[:8], GREEDY) == reference[:8]
+    counts = core.stats().spec.verify_length_counts
+    assert counts[1] > 0 and sum(counts[2:]) == 0
