@@ -11,7 +11,7 @@ import os
 import sys
 
 from drafters import cli as drafter_commands
-from engine.config import DTYPES, EngineConfig
+from engine.config import DTYPES, SPEC_METHODS, EngineConfig
 
 
 def _serve_args(sub) -> None:
@@ -23,6 +23,13 @@ def _serve_args(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     _engine_args(p)
+    p.add_argument("--method", choices=SPEC_METHODS, default=None,
+                   help="speculative decoding method (default: dspark with its shipped drafter "
+                   "on the embedded model, none for other models)")
+    p.add_argument("--drafter", default="", help="drafter directory or shipped name "
+                   "(dspark, dspark-rnn, dflash, eagle3, mtp1); default: the method's shipped one")
+    p.add_argument("--block-size", type=int, default=0,
+                   help="most drafted tokens verified per request and round (0: the drafter's)")
     p.add_argument("--sla-tps", type=float, default=0.0, help="per-user decode tokens/s SLA that "
                    "/metrics counts requests against (0: none)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -55,6 +62,14 @@ def _bench_args(sub) -> None:
     e.add_argument("--repeats", type=int, default=3)
     e.add_argument("--no-identical", action="store_true", help="skip the float32 identity check")
     e.add_argument("--json", default=None, help="write the results here")
+    s = which.add_parser("spec", help="speculative methods side by side (+ HF prompt lookup)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--model", default="")
+    s.add_argument("--dtype", default="auto", choices=DTYPES)
+    s.add_argument("--max-tokens", type=int, default=64)
+    s.add_argument("--per-domain", type=int, default=4, help="held-out prompts per domain")
+    s.add_argument("--no-identical", action="store_true", help="skip the float32 identity check")
+    s.add_argument("--json", default=None, help="write the results here")
 
 
 def _loadtest_args(sub) -> None:
@@ -87,7 +102,22 @@ def engine_config(args) -> EngineConfig:
         dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_waiting=args.max_waiting, kv_cache_tokens=args.kv_cache_tokens,
-        kv_block_size=args.kv_block_size, num_threads=args.num_threads)
+        kv_block_size=args.kv_block_size, num_threads=args.num_threads,
+        spec_method=spec_method(args), drafter=getattr(args, "drafter", ""),
+        block_size=getattr(args, "block_size", 0))
+
+
+DEFAULT_METHOD = "none"  # becomes "dspark" once its trained drafter ships in drafters/weights
+
+
+def spec_method(args) -> str:
+    """--method, else dspark on the embedded model (its drafters ship with us), else none."""
+    method = getattr(args, "method", None)
+    if method is not None:
+        return method
+    if getattr(args, "command", "") != "serve":
+        return "none"
+    return DEFAULT_METHOD if not args.model else "none"
 
 
 async def serve(config: EngineConfig, host: str, port: int, log_level: str, sla_tps: float = 0.0) -> None:
@@ -146,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
             bench_main(BenchConfig(model=args.model, dtype=args.dtype, max_tokens=args.max_tokens,
                                    repeats=args.repeats, check_identical=not args.no_identical),
                        args.json)
+        elif args.command == "bench" and args.bench == "spec":
+            from engine.bench_spec import SpecBenchConfig, main as spec_main
+
+            spec_main(SpecBenchConfig(model=args.model, dtype=args.dtype, max_tokens=args.max_tokens,
+                                      prompts_per_domain=args.per_domain,
+                                      check_identical=not args.no_identical), args.json)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback
