@@ -50,6 +50,14 @@ class TrainConfig:
     model: str = ""  # the target ("" = the embedded default); embedding and LM head come from it
     device: str = "auto"
 
+    def __post_init__(self) -> None:
+        if min(self.steps, self.seqs_per_step, self.anchors_per_seq, self.block_size,
+               self.num_layers, self.draft_vocab) < 1:
+            raise ValueError("steps, seqs-per-step, anchors-per-seq, block-size, layers and "
+                             "draft-vocab must all be >= 1")
+        if not 0 < self.lr < 1 or not 0 <= self.warmup < 1 or self.clip <= 0:
+            raise ValueError("lr must be in (0, 1), warmup in [0, 1), clip > 0")
+
 
 def target_matrices(model: str) -> tuple[ModelConfig, torch.Tensor, torch.Tensor]:
     """(config, embedding [V, d], lm_head [V, d]) of a target checkpoint, float32."""
@@ -103,7 +111,7 @@ def train(tc: TrainConfig, progress: bool = True) -> Path:
     bar = tqdm(total=tc.steps, initial=step, desc=f"train {tc.method}", disable=not progress)
     start, history = time.perf_counter(), []
     while step < tc.steps:
-        batch = _to(pack(rng.sample(sequences, tc.seqs_per_step), drafter.gamma,
+        batch = _to(pack(rng.sample(sequences, min(len(sequences), tc.seqs_per_step)), drafter.gamma,
                          tc.anchors_per_seq, rng), device)
         logits, conf = model.train_forward(batch)
         loss, terms = drafter_loss(logits, conf, batch, model.vocab, weights)

@@ -1,0 +1,75 @@
+"""`dspark train data`, `dspark train drafter`, `dspark eval` end to end on the tiny model, and
+their one-line errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from drafters.registry import read_drafter_config
+from server.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = str(tiny_llama_dir)
+    assert main(["train", "data", "--model", model, "--out", str(root / "data"), "--per-domain", "2",
+                 "--max-new-tokens", "10", "--batch", "3", "--num-threads", "1"]) == 0
+    assert main(["train", "drafter", "--model", model, "--data", str(root / "data"),
+                 "--out", str(root / "d"), "--method", "dspark", "--head", "rnn", "--steps", "4",
+                 "--seqs-per-step", "2", "--anchors-per-seq", "4", "--block-size", "3",
+                 "--draft-vocab", "100", "--num-threads", "1"]) == 0
+    return root, model
+
+
+def test_train_then_eval_writes_tau_and_plot(trained, tmp_path):
+    root, model = trained
+    cfg, summary = read_drafter_config(root / "d")
+    assert (cfg.method, cfg.head, cfg.block_size, cfg.draft_vocab) == ("dspark", "rnn", 3, 100)
+    assert summary["train"]["steps"] == 4 and set(summary["final_terms"]) == {"ce", "l1", "bce"}
+    ckpt = torch.load(root / "d" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 4
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"domain": d, "prompt": f"tell me about {d} {i}"})
+                                 for d in ("alpha", "beta") for i in range(2)))
+    out, png = tmp_path / "e.json", tmp_path / "e.png"
+    assert main(["eval", "--model", model, "--drafter", str(root / "d"), "--prompts", str(prompts),
+                 "--max-new-tokens", "12", "--temperature", "1", "--json", str(out),
+                 "--plot", str(png), "--num-threads", "1"]) == 0
+    report = json.loads(out.read_text())
+    tau = report["drafters"][str(root / "d")]["tau"]
+    assert set(tau) == {"alpha", "beta", "all", "macro"} and all(1.0 <= v <= 4.0 for v in tau.values())
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_training_resumes_from_its_checkpoint(trained, capsys):
+    root, model = trained
+    before = (root / "d" / "weights.safetensors").read_bytes()
+    assert main(["train", "drafter", "--model", model, "--data", str(root / "data"),
+                 "--out", str(root / "d"), "--method", "dspark", "--head", "rnn", "--steps", "4",
+                 "--seqs-per-step", "2", "--anchors-per-seq", "4", "--block-size", "3",
+                 "--draft-vocab", "100", "--num-threads", "1"]) == 0
+    assert (root / "d" / "weights.safetensors").read_bytes() == before  # nothing left to train
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["eval", "--drafter", "no-such-drafter"], "neither a shipped drafter"),
+    (["train", "drafter", "--data", "/no/such/dir", "--out", "/tmp/x-never"], "not a training-data"),
+    (["train", "drafter", "--out", "/tmp/x", "--steps", "0"], "steps"),
+])
+def test_errors_are_one_line(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dspark: error:") and "\n" not in err and needle in err
+
+
+def test_eval_rejects_a_bad_prompts_file(trained, tmp_path, capsys):
+    root, model = trained
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    assert main(["eval", "--model", model, "--drafter", str(root / "d"), "--prompts", str(bad)]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
