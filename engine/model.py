@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
-from kernels.attention import AttentionBatch, paged_attention, store_kv
+from kernels import paged_attention, store_kv  # Triton on CUDA, the torch reference elsewhere
+from kernels.attention import AttentionBatch
 
 
 class Linear(nn.Linear):
