@@ -97,7 +97,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 class FeatureFusion(nn.Module):
-    """ctx = RMSNorm(W_fc [h_l1; ...; h_ln]): n target layers -> one d-vector per token."""
+    """ctx = RMSNorm(W_fc [u(h_l1); ...; u(h_ln)]): n target layers -> one d-vector per token,
+    with u(h) = h / rms(h) (no parameters). The target's layers differ ~30x in scale and carry
+    massive-activation channels (values ~2e4 on this target); without u the deepest layers
+    would swamp the others in W_fc at the start of training."""
 
     def __init__(self, cfg: DrafterConfig) -> None:
         super().__init__()
@@ -107,4 +110,6 @@ class FeatureFusion(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """features: [T, n, d] (any float dtype) -> ctx [T, d] float32."""
-        return self.norm(self.fc(features.float().flatten(1)))
+        h = features.float()  # [T, n, d]
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.norm(self.fc(h.flatten(1)))

@@ -28,7 +28,7 @@ class ParallelDrafterModel(nn.Module):
         self.cfg = cfg
         self.vocab = vocab
         self.fusion = FeatureFusion(cfg)
-        self.mask_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.mask_embedding = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02)
         self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.head = SequentialHead(cfg) if cfg.head != "none" else None
