@@ -1,0 +1,161 @@
+"""`dspark profile`: measure the engine's throughput curve SPS(B) (scheduler/throughput.py).
+
+For each forward size B the profile runs the verification step a speculative round runs:
+    n = ceil(B / (1 + γ)) decode requests, each [anchor, x_1..x_ℓ] (ℓ = γ for all but the last,
+    which takes the remainder), so the flattened forward holds exactly B tokens
+through ModelRunner.execute_spec, with random drafts (the cost does not depend on token values)
+and `context` tokens already in every request's KV cache. Nothing is committed: each repetition
+rewrites the same KV slots, so every timed step sees the same state. SPS(B) = 1 / median time.
+The drafter's own forward is not included (it drafts the whole block whatever ℓ is).
+On a GPU the sizes to profile are the CUDA-graph buckets; the runner is eager today, so the
+curve it measures there is smooth rather than step-shaped.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine.batcher import ScheduledBatch
+from engine.messages import SamplingParams
+from engine.request import Request
+from scheduler.throughput import ThroughputCurve, cache_path, cached_curve, save_curve
+
+log = logging.getLogger("dspark.profile")
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # forward sizes B to measure
+    gamma: int = 7  # drafts per request in the profiled steps (DSpark's block)
+    context: int = 128  # tokens already in each request's KV cache
+    repeats: int = 2  # timed steps per size; SPS from their median
+    warmup: int = 1  # untimed steps per size first (allocator, oneDNN primitive caches)
+    capture_layers: tuple[int, ...] = ()  # target layers whose hidden states a drafter reads
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.sizes or min(self.sizes) < 1 or list(self.sizes) != sorted(set(self.sizes)):
+            raise ValueError(f"sizes must be increasing positive integers, got {self.sizes}")
+        if self.gamma < 0 or self.context < 1 or self.repeats < 1 or self.warmup < 0:
+            raise ValueError("need gamma >= 0, context >= 1, repeats >= 1, warmup >= 0")
+
+    def requests_for(self, size: int) -> list[int]:
+        """Drafts ℓ of each request in a forward of `size` tokens: Σ (1 + ℓ) = size."""
+        per = 1 + self.gamma
+        n = -(-size // per)
+        return [self.gamma] * (n - 1) + [size - (n - 1) * per - 1]
+
+
+def hardware_string(device: torch.device) -> str:
+    """What the curve depends on besides the model: the device and how it runs steps."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (eager)"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def model_string(core, config: ProfileConfig) -> str:
+    runner = core.runner
+    return (f"{core.model_cfg.name} {str(runner.dtype).removeprefix('torch.')} "
+            f"gamma={config.gamma} context={config.context}")
+
+
+def _decode_requests(core, config: ProfileConfig, count: int) -> list[Request]:
+    """`count` requests with `context` random tokens in the KV cache and one sampled token
+    waiting as the anchor; KV room for the anchor and γ drafts."""
+    g = torch.Generator().manual_seed(config.seed)
+    vocab = core.model_cfg.vocab_size
+    requests = []
+    for i in range(count):
+        prompt = torch.randint(0, vocab, (config.context,), generator=g).tolist()
+        request = Request(f"profile-{i}", prompt, SamplingParams(temperature=0.0))
+        if not core.pool.grow(request, config.context + 1 + config.gamma):
+            for r in requests:
+                core.pool.release(r)
+            raise ValueError(f"the KV cache cannot hold {count} requests of {config.context} "
+                             "tokens; profile smaller sizes or a shorter context")
+        requests.append(request)
+    for start in range(0, count, 8):  # prefill a few requests per forward
+        chunk = requests[start:start + 8]
+        result = core.runner.execute(ScheduledBatch(tuple(chunk), (config.context,) * len(chunk)))
+        for row, request in enumerate(chunk):
+            request.num_computed_tokens = config.context
+            request.append_token(result.sampled[row])
+    return requests
+
+
+def _step(core, requests: list[Request], drafts: list[list[int]], layers: tuple[int, ...]) -> float:
+    """Seconds of one verification forward of these requests and drafts."""
+    batch = ScheduledBatch(tuple(requests), (1,) * len(requests), tuple(map(len, drafts)))
+    start = time.perf_counter()
+    logits, _, _ = core.runner.execute_spec(batch, drafts, layers)
+    if logits.is_cuda:
+        torch.cuda.synchronize(logits.device)
+    return time.perf_counter() - start
+
+
+def profile(core, config: ProfileConfig = ProfileConfig(), progress: bool = True) -> ThroughputCurve:
+    """Measure SPS at every config size on this EngineCore (which must have no other work)."""
+    plans = {b: config.requests_for(b) for b in config.sizes}
+    requests = _decode_requests(core, config, max(len(p) for p in plans.values()))
+    g = torch.Generator().manual_seed(config.seed + 1)
+    rates = []
+    bar = tqdm(total=len(config.sizes) * (config.warmup + config.repeats), unit="step",
+               desc="profile SPS(B)", disable=not progress)
+    try:
+        for size, lengths in plans.items():
+            drafts = [torch.randint(0, core.model_cfg.vocab_size, (n,), generator=g).tolist()
+                      for n in lengths]
+            times = []
+            for i in range(config.warmup + config.repeats):
+                seconds = _step(core, requests[:len(lengths)], drafts, config.capture_layers)
+                if i >= config.warmup:
+                    times.append(seconds)
+                bar.update(1)
+            rates.append(1.0 / statistics.median(times))
+            bar.set_postfix(B=size, sps=f"{rates[-1]:.1f}")
+    finally:
+        bar.close()
+        for request in requests:
+            core.pool.release(request)
+    return ThroughputCurve(tuple(config.sizes), tuple(rates), model_string(core, config),
+                           hardware_string(core.runner.device))
+
+
+def load_or_profile(core, config: ProfileConfig, cache_dir: str | Path,
+                    progress: bool = True) -> ThroughputCurve:
+    """The cached curve of this model + hardware, else profile now (saying so) and cache it."""
+    model, hardware = model_string(core, config), hardware_string(core.runner.device)
+    curve = cached_curve(cache_dir, model, hardware)
+    if curve is not None:
+        log.info("throughput curve from %s", cache_path(cache_dir, model, hardware))
+        return curve
+    log.info("no cached throughput curve for %s on %s: profiling %d forward sizes",
+             model, hardware, len(config.sizes))
+    curve = profile(core, config, progress)
+    path = save_curve(curve, cache_path(cache_dir, model, hardware), _settings(config))
+    log.info("throughput curve cached in %s", path)
+    return curve
+
+
+def _settings(config: ProfileConfig) -> dict:
+    return {"profile": {"gamma": config.gamma, "context": config.context,
+                        "repeats": config.repeats, "warmup": config.warmup}}
+
+
+def default_cache_dir() -> Path:
+    from engine.weights import cache_root
+
+    return cache_root() / "throughput"

@@ -1,0 +1,113 @@
+"""Verification lengths that maximise expected tokens per second (DSPARK.md §5). NumPy only.
+
+Terms, defined once for this module:
+    a [R, γ]   prefix survival a_{r,j} = Π_{i<=j} c_{r,i} of request r's draft position j
+               (calibrated confidences c), non-increasing in j
+    ℓ [R]      verification lengths, 0..γ: request r's target forward holds [anchor, x_1..x_ℓr]
+    B = Σ_r (1 + ℓ_r)                  forward size
+    E = Σ_r (1 + Σ_{j<=ℓ_r} a_{r,j})    expected emitted tokens (+1: the recovered/bonus token)
+    Θ = E · SPS(B)                     expected tokens per second
+Candidates (r, j) are taken in order of a_{r,j} descending, ties by smaller j first, so (r, j)
+always comes before (r, j + 1): any first m candidates of the order form prefixes. After the
+first m, with v_i the i-th survival in that order,
+    B_m = R + m,   E_m = R + Σ_{i<=m} v_i,   Θ_m = E_m · SPS(B_m),   m = 0..Rγ.
+
+Algorithm 1 (greedy, synchronous) admits while Θ improves and stops at the first drop. Whether
+(r, j) is admitted then depends only on the candidates ranked above it, never on a_{r,j+1} (which
+is ranked below), so never on the token x_{r,j} it is about to verify: lossless.
+Production (asynchronous): K = argmax_m Θ_m over ALL m (a global search that may jump over SPS
+cliffs), computed on the confidences of two rounds earlier; this round admits the K current
+candidates of highest a. K does not depend on this round's tokens and the rank of (r, j) depends
+only on the candidates above it: lossless. A global search on the CURRENT confidences is not:
+whether x_{r,j} is verified would depend on a_{r,j+1}, i.e. on x_{r,j} itself
+(tests/test_scheduler_allocate.py enumerates such a case exactly).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from scheduler.throughput import ThroughputCurve
+
+
+def check_survival(a: np.ndarray) -> np.ndarray:
+    """a: [R, γ] -> a as float64, after checking it is a valid prefix survival."""
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"prefix survival must be [R, gamma], got shape {a.shape}")
+    if a.size and (a.min() < 0 or a.max() > 1 or np.any(np.diff(a, axis=1) > 1e-12)):
+        raise ValueError("prefix survival must lie in [0, 1] and not increase along a block")
+    return a
+
+
+def candidate_order(a: np.ndarray) -> np.ndarray:
+    """a: [R, γ] -> [Rγ] flat indices r·γ + j sorted by a descending. The stable sort keeps
+    row-major order among ties, so within a request j comes before j + 1."""
+    return np.argsort(-a.ravel(), kind="stable")
+
+
+def throughput_path(a: np.ndarray, curve: ThroughputCurve) -> tuple[np.ndarray, np.ndarray]:
+    """a: [R, γ] -> (order [Rγ], Θ_m for m = 0..Rγ [Rγ + 1])."""
+    a = check_survival(a)
+    order = candidate_order(a)
+    r = a.shape[0]
+    e = r + np.concatenate([[0.0], np.cumsum(a.ravel()[order])])  # [Rγ+1] E_m
+    b = r + np.arange(order.size + 1)  # [Rγ+1] B_m
+    return order, e * curve.sps(b)
+
+
+def lengths_of(order: np.ndarray, k: int, num_requests: int, gamma: int) -> np.ndarray:
+    """The first k candidates of `order` -> ℓ [R] (each request's admitted count)."""
+    return np.bincount(order[:k] // gamma, minlength=num_requests).astype(np.int64)
+
+
+def greedy_lengths(a: np.ndarray, curve: ThroughputCurve) -> np.ndarray:
+    """Algorithm 1: a [R, γ] -> ℓ [R]. Admit candidates while Θ strictly improves; stop at the
+    first step where it does not (Θ_{m+1} <= Θ_m)."""
+    order, theta = throughput_path(a, curve)
+    drops = np.flatnonzero(np.diff(theta) <= 0)  # m where admitting candidate m+1 does not help
+    m = int(drops[0]) if drops.size else order.size
+    return lengths_of(order, m, a.shape[0], a.shape[1])
+
+
+def global_capacity(a: np.ndarray, curve: ThroughputCurve) -> int:
+    """Unconstrained global search: K = argmax_m Θ_m over every m = 0..Rγ (first maximum).
+    Meant for confidences of an EARLIER round (see the module docstring)."""
+    _, theta = throughput_path(a, curve)
+    return int(np.argmax(theta))
+
+
+def top_k_lengths(a: np.ndarray, capacity: int) -> np.ndarray:
+    """Admit the k = min(K, Rγ) candidates of highest current a: a [R, γ] -> ℓ [R], Σ ℓ = k.
+    The same set as the first k of candidate_order, found in O(Rγ) on the engine's path:
+    v = the k-th largest a; admit every a > v, then the first (row-major) of those equal to v.
+    Prefix-respecting: in a row, a > v is a prefix and its ties with v follow it directly."""
+    a = check_survival(a)
+    flat = a.ravel()  # [Rγ]
+    k = min(max(int(capacity), 0), flat.size)
+    if k == 0 or k == flat.size:
+        return np.full(a.shape[0], a.shape[1] if k else 0, dtype=np.int64)
+    v = np.partition(flat, flat.size - k)[flat.size - k]  # the k-th largest survival
+    admit = flat > v  # [Rγ]
+    admit[np.flatnonzero(flat == v)[:k - int(admit.sum())]] = True
+    return admit.reshape(a.shape).sum(axis=1).astype(np.int64)
+
+
+def random_survival(num_requests: int, gamma: int, rng: np.random.Generator) -> np.ndarray:
+    """[R, γ] prefix survivals from random confidences c ~ Beta(4, 1.5) (mean ≈ 0.73)."""
+    return np.cumprod(rng.beta(4.0, 1.5, size=(num_requests, gamma)), axis=1)
+
+
+def solver_seconds(num_requests: int, gamma: int, curve: ThroughputCurve,
+                   repeats: int = 200, seed: int = 0) -> float:
+    """Median wall time of one production round of the solver: the capacity search on one
+    snapshot plus the top-K admission on another."""
+    rng = np.random.default_rng(seed)
+    snaps = [random_survival(num_requests, gamma, rng) for _ in range(8)]
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        top_k_lengths(snaps[(i + 1) % 8], global_capacity(snaps[i % 8], curve))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))

@@ -1,0 +1,333 @@
+"""Calibrating the drafter's confidences: sequential temperature scaling (STS, DSPARK.md §4).
+
+Terms, defined once for this module (positions k are 1-based in the math, 0-based in arrays):
+    z[n, k]   raw confidence logit of draft position k in calibration round n        [N, γ]
+    acc[n]    drafts the target accepted in round n, 0..γ                            [N]
+    ver[n]    drafts the target verified in round n (γ when the whole block was)     [N]
+    y[n, k]   = 1[acc[n] >= k]: "the prefix of length k was fully accepted"
+              counted at position k only in rounds with ver[n] >= k. A round that verified fewer
+              drafts and failed earlier also implies y = 0, but keeping those while the ones
+              that passed stay unknown would select on the outcome and bias every fit to 0.
+              Selecting on ver (which the scheduler sets from confidences alone) does not bias
+              P(y | z).
+    a[n, k]   = Π_{i<=k} σ(z[n, i] / T_i): calibrated prefix survival (T = 1: uncalibrated)
+STS fits T_1..T_γ left to right: with T_1..T_{k-1} fixed,
+    T_k = argmin_{T in grid} ECE(a[·, k](T), y[·, k])      (a 1-D grid search)
+ECE with `bins` equal-width bins over [0, 1]:
+    ECE = Σ_b (n_b / N) |mean_b(a) − mean_b(y)| = Σ_b |Σ_{n in b} a_n − Σ_{n in b} y_n| / N
+AUROC = P(a of a random positive > a of a random negative), ties counting 1/2.
+Temperatures live next to the drafter as <drafter_dir>/calibration.json. NumPy only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CALIBRATION_FILE = "calibration.json"
+_GRID_CHUNK_ELEMENTS = 4_000_000  # probabilities evaluated at once in the grid search (~32 MB)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """σ(x) = 1 / (1 + e^{-x}) = (1 + tanh(x / 2)) / 2, the second form never overflows."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))
+
+
+def logit(c: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    """σ^{-1}(c) = log c − log(1 − c), c clipped into [eps, 1 − eps] (float32 sigmoids saturate)."""
+    c = np.clip(np.asarray(c, dtype=np.float64), eps, 1.0 - eps)
+    return np.log(c) - np.log1p(-c)
+
+
+@dataclass(frozen=True)
+class STSConfig:
+    bins: int = 20  # equal-width ECE bins (DSPARK.md §4)
+    t_min: float = 0.05  # grid of temperatures, log-spaced: T < 1 sharpens, T > 1 softens
+    t_max: float = 20.0
+    grid_size: int = 241  # neighbours differ by (t_max / t_min)^(1/240) - 1 ≈ 2.5%
+
+    def __post_init__(self) -> None:
+        if self.bins < 1 or self.grid_size < 2 or not 0 < self.t_min < 1 < self.t_max:
+            raise ValueError("STS needs bins >= 1, grid_size >= 2 and t_min < 1 < t_max")
+
+    def grid(self) -> np.ndarray:
+        return np.geomspace(self.t_min, self.t_max, self.grid_size)  # [G]
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """Observed speculative rounds: what the drafter said and what the target kept."""
+
+    logits: np.ndarray  # [N, γ] raw confidence logits z
+    accepted: np.ndarray  # [N] accepted drafts per round, 0..γ
+    verified: np.ndarray | None = None  # [N] verified drafts per round; None: all γ
+
+    def __post_init__(self) -> None:
+        z, acc = np.asarray(self.logits), np.asarray(self.accepted)
+        if z.ndim != 2 or acc.shape != (z.shape[0],):
+            raise ValueError(f"logits must be [N, gamma] and accepted [N]; got {z.shape}, {acc.shape}")
+        ver = self.num_verified()
+        if np.any(acc < 0) or np.any(acc > ver) or np.any(ver > z.shape[1]):
+            raise ValueError("need 0 <= accepted <= verified <= gamma in every round")
+
+    @property
+    def gamma(self) -> int:
+        return int(np.asarray(self.logits).shape[1])
+
+    def num_verified(self) -> np.ndarray:
+        n, g = np.asarray(self.logits).shape
+        return np.full(n, g) if self.verified is None else np.asarray(self.verified)
+
+    def labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """-> (y [N, γ] bool: prefix of length k accepted, counted [N, γ] bool)."""
+        return prefix_labels(np.asarray(self.accepted), self.num_verified(), self.gamma)
+
+
+def prefix_labels(accepted: np.ndarray, verified: np.ndarray, gamma: int):
+    """accepted, verified: [N] -> (y [N, γ], counted [N, γ]) as in the module docstring."""
+    k = np.arange(1, gamma + 1)[None, :]  # [1, γ]
+    acc, ver = accepted[:, None], verified[:, None]  # [N, 1]
+    return acc >= k, k <= ver
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Fitted per-position temperatures; turns raw confidences into calibrated prefix survival."""
+
+    temperatures: tuple[float, ...]  # [γ] T_k
+
+    def __post_init__(self) -> None:
+        if not self.temperatures or any(not t > 0 for t in self.temperatures):
+            raise ValueError(f"temperatures must be positive, got {self.temperatures}")
+
+    @classmethod
+    def identity(cls, gamma: int) -> Calibration:
+        return cls((1.0,) * gamma)
+
+    def survival_from_logits(self, z: np.ndarray) -> np.ndarray:
+        """z: [R, γ] raw logits -> a [R, γ], a_k = Π_{i<=k} σ(z_i / T_i)."""
+        t = np.asarray(self.temperatures[:z.shape[1]])
+        return np.cumprod(sigmoid(z / t), axis=1)
+
+    def survival(self, confidences: np.ndarray) -> np.ndarray:
+        """confidences: [R, γ] c_k = σ(z_k) as the drafter reports them -> a [R, γ]."""
+        return self.survival_from_logits(logit(confidences))
+
+
+# ---- metrics ---------------------------------------------------------------------------------
+def ece_many(probs: np.ndarray, labels: np.ndarray, bins: int = 20) -> np.ndarray:
+    """probs: [G, N] G candidate predictions of the same N labels [N] -> ECE of each, [G].
+    Bin b holds p in [b/bins, (b+1)/bins); p = 1 falls in the last bin."""
+    g, n = probs.shape
+    if n == 0:
+        return np.zeros(g)
+    idx = np.minimum((probs * bins).astype(np.int64), bins - 1)  # [G, N]
+    flat = (idx + bins * np.arange(g)[:, None]).ravel()  # one bin id per (candidate, bin)
+    ys = np.broadcast_to(labels.astype(np.float64), (g, n)).ravel()
+    sum_p = np.bincount(flat, weights=probs.ravel(), minlength=g * bins).reshape(g, bins)
+    sum_y = np.bincount(flat, weights=ys, minlength=g * bins).reshape(g, bins)
+    return np.abs(sum_p - sum_y).sum(axis=1) / n  # Σ_b |Σ a − Σ y| / N
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 20) -> float:
+    """probs, labels: [N] -> expected calibration error with `bins` equal-width bins."""
+    return float(ece_many(np.asarray(probs, dtype=np.float64)[None], np.asarray(labels), bins)[0])
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """scores, labels: [N] -> area under the ROC curve (Mann–Whitney U / (n_pos n_neg));
+    nan when one class is missing."""
+    scores, pos = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts  # 0-based rank where each distinct score starts
+    ranks = (first + (counts + 1) / 2.0)[inverse]  # 1-based ranks, ties averaged
+    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0  # pairs a positive wins (+1/2 per tie)
+    return float(u / (n_pos * n_neg))
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 20):
+    """-> (mean prediction [bins], observed frequency [bins], count [bins]); empty bins: nan."""
+    idx = np.minimum((np.asarray(probs) * bins).astype(np.int64), bins - 1)
+    count = np.bincount(idx, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_p = np.bincount(idx, weights=probs, minlength=bins) / count
+        freq = np.bincount(idx, weights=np.asarray(labels, dtype=np.float64), minlength=bins) / count
+    return mean_p, freq, count
+
+
+class OnlineCalibration:
+    """Running ECE of served rounds, per position, for the engine's calibration-error metric:
+    the same bins and counting rule as offline, pooled since start (decay < 1 weighs recent
+    rounds more: every update first multiplies the old sums by it)."""
+
+    def __init__(self, gamma: int, bins: int = 20, decay: float = 1.0) -> None:
+        self.gamma, self.bins, self.decay = gamma, bins, decay
+        self.sum_p = np.zeros((gamma, bins))  # [γ, bins] Σ a
+        self.sum_y = np.zeros((gamma, bins))  # [γ, bins] Σ y
+        self.count = np.zeros((gamma, bins))  # [γ, bins] rounds
+
+    def update(self, survival: np.ndarray, accepted: np.ndarray, verified: np.ndarray) -> None:
+        """survival: [R, γ] the a the scheduler used; accepted, verified: [R]."""
+        y, known = prefix_labels(accepted, verified, self.gamma)  # [R, γ] each
+        b = np.minimum((survival * self.bins).astype(np.int64), self.bins - 1)  # [R, γ]
+        cell = (np.arange(self.gamma)[None, :] * self.bins + b)[known]  # [M] flat (k, bin)
+        size = self.gamma * self.bins
+        for total, values in ((self.sum_p, survival[known]), (self.sum_y, y[known]),
+                              (self.count, np.ones(cell.size))):
+            total *= self.decay
+            total += np.bincount(cell, weights=values, minlength=size).reshape(total.shape)
+
+    def per_position(self) -> np.ndarray:
+        """[γ] ECE of each position (nan where nothing was observed)."""
+        n = self.count.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.abs(self.sum_p - self.sum_y).sum(axis=1) / n
+
+    def error(self) -> float:
+        """Mean ECE over the positions observed so far (0 before any)."""
+        e = self.per_position()
+        return float(np.nanmean(e)) if np.isfinite(e).any() else 0.0
+
+
+# ---- sequential temperature scaling ----------------------------------------------------------
+def best_temperature(prefix: np.ndarray, z: np.ndarray, y: np.ndarray, config: STSConfig) -> float:
+    """prefix: [N] a_{k-1} (fixed), z: [N] logits of position k, y: [N] labels of position k
+    -> the grid temperature of least ECE of prefix · σ(z / T); ties go to the T nearest 1."""
+    grid = config.grid()  # [G]
+    if z.size == 0:
+        return 1.0
+    chunk = max(1, _GRID_CHUNK_ELEMENTS // z.size)
+    errors = np.concatenate([
+        ece_many(prefix[None] * sigmoid(z[None] / grid[i:i + chunk, None]), y, config.bins)
+        for i in range(0, grid.size, chunk)])  # [G]
+    best = np.flatnonzero(errors <= errors.min() + 1e-12)
+    return float(grid[best[np.argmin(np.abs(np.log(grid[best])))]])
+
+
+def fit_sts(data: CalibrationData, config: STSConfig = STSConfig()) -> Calibration:
+    """T_1..T_γ left to right, each on the rounds that verified that position."""
+    z = np.asarray(data.logits, dtype=np.float64)  # [N, γ]
+    y, known = data.labels()  # [N, γ] each
+    prefix = np.ones(z.shape[0])  # [N] a_{k-1}, a_0 = 1
+    temps = []
+    for k in range(data.gamma):
+        rows = known[:, k]
+        t = best_temperature(prefix[rows], z[rows, k], y[rows, k], config)
+        temps.append(t)
+        prefix = prefix * sigmoid(z[:, k] / t)
+    return Calibration(tuple(temps))
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    """Temperatures and per-position metrics before (T = 1) and after calibration."""
+
+    temperatures: tuple[float, ...]  # [γ]
+    ece_before: tuple[float, ...]  # [γ]
+    ece_after: tuple[float, ...]  # [γ]
+    auroc_before: tuple[float, ...]  # [γ]
+    auroc_after: tuple[float, ...]  # [γ]
+    num_rounds: int
+    bins: int = 20
+
+    @property
+    def calibration(self) -> Calibration:
+        return Calibration(self.temperatures)
+
+    def to_dict(self) -> dict:
+        return {"format": 1, "temperatures": list(self.temperatures), "bins": self.bins,
+                "num_rounds": self.num_rounds, "ece_before": list(self.ece_before),
+                "ece_after": list(self.ece_after), "auroc_before": _json_floats(self.auroc_before),
+                "auroc_after": _json_floats(self.auroc_after)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CalibrationReport:
+        nan = lambda xs: tuple(float("nan") if x is None else float(x) for x in xs)  # noqa: E731
+        return cls(tuple(map(float, d["temperatures"])), tuple(d["ece_before"]),
+                   tuple(d["ece_after"]), nan(d["auroc_before"]), nan(d["auroc_after"]),
+                   int(d["num_rounds"]), int(d.get("bins", 20)))
+
+
+def _json_floats(xs) -> list:
+    return [None if math.isnan(x) else x for x in xs]
+
+
+def position_metrics(data: CalibrationData, calibration: Calibration, bins: int = 20):
+    """-> (ECE [γ], AUROC [γ]) of a[·, k] against y[·, k] on the rounds counted at k."""
+    a = calibration.survival_from_logits(np.asarray(data.logits, dtype=np.float64))
+    y, known = data.labels()
+    eces, aucs = [], []
+    for k in range(data.gamma):
+        rows = known[:, k]
+        eces.append(ece(a[rows, k], y[rows, k], bins))
+        aucs.append(auroc(a[rows, k], y[rows, k]))
+    return tuple(eces), tuple(aucs)
+
+
+def calibrate(data: CalibrationData, config: STSConfig = STSConfig()) -> CalibrationReport:
+    fitted = fit_sts(data, config)
+    ece0, auc0 = position_metrics(data, Calibration.identity(data.gamma), config.bins)
+    ece1, auc1 = position_metrics(data, fitted, config.bins)
+    return CalibrationReport(fitted.temperatures, ece0, ece1, auc0, auc1,
+                             int(np.asarray(data.accepted).shape[0]), config.bins)
+
+
+# ---- storage next to the drafter, and the reliability diagram ---------------------------------
+def save_calibration(drafter_dir: str | Path, report: CalibrationReport) -> Path:
+    """Write <drafter_dir>/calibration.json atomically."""
+    path = Path(drafter_dir) / CALIBRATION_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report.to_dict(), indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def load_calibration(drafter_dir: str | Path) -> Calibration | None:
+    """The drafter's fitted temperatures, or None when it was never calibrated."""
+    report = load_report(drafter_dir)
+    return None if report is None else report.calibration
+
+
+def load_report(drafter_dir: str | Path) -> CalibrationReport | None:
+    path = Path(drafter_dir) / CALIBRATION_FILE
+    if not path.exists():
+        return None
+    return CalibrationReport.from_dict(json.loads(path.read_text()))
+
+
+def plot_reliability(data: CalibrationData, report: CalibrationReport, path: str | Path) -> Path:
+    """Reliability diagram per position: mean predicted a_k vs observed prefix acceptance, per
+    bin, before (T = 1) and after STS; the diagonal is perfect calibration."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    z = np.asarray(data.logits, dtype=np.float64)
+    y, known = data.labels()
+    curves = {"before": Calibration.identity(data.gamma).survival_from_logits(z),
+              "after STS": report.calibration.survival_from_logits(z)}
+    cols = min(4, data.gamma)
+    rows = -(-data.gamma // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        if k >= data.gamma:
+            ax.axis("off")
+            continue
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        for (name, a), ece_k in zip(curves.items(), (report.ece_before[k], report.ece_after[k])):
+            mean_p, freq, _ = reliability_bins(a[known[:, k], k], y[known[:, k], k], report.bins)
+            ax.plot(mean_p, freq, marker="o", ms=3, label=f"{name} (ECE {100 * ece_k:.1f}%)")
+        ax.set(title=f"position {k + 1}", xlim=(0, 1), ylim=(0, 1),
+               xlabel="predicted prefix survival", ylabel="observed acceptance")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,126 @@
+"""`dspark calibrate` and `dspark profile` (wired into server/cli.py like drafters/cli.py).
+
+Heavy imports (torch, the engine) happen inside the handlers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+PROFILE_SIZES = "1,2,4,8,16,32,64,128,256"
+
+
+def add_commands(sub) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    c = sub.add_parser("calibrate", formatter_class=fmt,
+                       help="fit per-position temperatures of a drafter's confidences (STS)")
+    c.add_argument("--drafter", required=True, help="drafter directory or shipped name; "
+                   "calibration.json is written into it")
+    c.add_argument("--prompts", default=None, help='JSONL of {"domain": ..., "prompt": ...} '
+                   "(default: held-out prompts from the training generators)")
+    c.add_argument("--per-domain", type=int, default=40, help="held-out prompts per domain")
+    c.add_argument("--train-per-domain", type=int, default=600,
+                   help="size of the training set to keep out (dspark train data --per-domain)")
+    c.add_argument("--max-new-tokens", type=int, default=128)
+    c.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the "
+                   "calibration rounds (the confidence head is trained for temperature 1)")
+    c.add_argument("--batch", type=int, default=10, help="prompts generated concurrently")
+    c.add_argument("--plot", default=None, help="reliability diagram PNG "
+                   "(default: reliability.png in the drafter directory)")
+    c.add_argument("--json", default=None, help="also write the report here")
+    c.add_argument("--model", default="", help="target checkpoint (default: the embedded model)")
+    c.add_argument("--num-threads", type=int, default=0)
+    p = sub.add_parser("profile", formatter_class=fmt,
+                       help="measure the engine's steps/s at each forward size (SPS curve)")
+    p.add_argument("--json", default=None, help="also write the curve here")
+    p.add_argument("--sizes", default=PROFILE_SIZES, help="forward sizes B, comma-separated")
+    p.add_argument("--gamma", type=int, default=7, help="drafts per request in the steps")
+    p.add_argument("--context", type=int, default=128, help="tokens in each request's KV cache")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--force", action="store_true", help="profile even when a cached curve fits")
+    p.add_argument("--model", default="", help="target checkpoint (default: the embedded model)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-threads", type=int, default=0)
+
+
+def run(args) -> int:
+    import torch
+
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    if args.command == "calibrate":
+        return _calibrate(args)
+    return _profile(args)
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
+    except ValueError:
+        raise ValueError(f"--sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"--sizes must be positive, got {text!r}")
+    return sizes
+
+
+def _profile(args) -> int:
+    from engine.config import EngineConfig
+    from engine.core import EngineCore
+    from engine.profile import ProfileConfig, default_cache_dir, load_or_profile, profile
+    from scheduler.throughput import cache_path, save_curve
+
+    sizes = parse_sizes(args.sizes)
+    kv_tokens = (-(-max(sizes) // (1 + args.gamma)) + 1) * (args.context + 1 + args.gamma + 16)
+    core = EngineCore.from_config(EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, num_threads=args.num_threads,
+        kv_cache_tokens=max(kv_tokens, 4096), max_num_batched_tokens=max(512, max(sizes))))
+    config = ProfileConfig(sizes=sizes, gamma=args.gamma, context=args.context,
+                           repeats=args.repeats)
+    if args.force:
+        curve = profile(core, config)
+        save_curve(curve, cache_path(default_cache_dir(), curve.model, curve.hardware))
+    else:
+        curve = load_or_profile(core, config, default_cache_dir())
+    print(f"{curve.model} on {curve.hardware}")
+    for b, s in zip(curve.sizes, curve.steps_per_second):
+        print(f"  B={b:5d}  {s:8.2f} steps/s  {b * s:9.1f} tokens/s")
+    if args.json:
+        save_curve(curve, args.json)
+    return 0
+
+
+def _calibrate(args) -> int:
+    from drafters.prompts import read_prompts
+    from drafters.registry import load_drafter, resolve_drafter_path
+    from engine.calibration_data import calibration_prompts, collect_rounds
+    from engine.config import EngineConfig
+    from engine.core import EngineCore
+    from engine.messages import SamplingParams
+    from scheduler.calibration import calibrate, plot_reliability, save_calibration
+    from server.text import TextProcessor
+
+    path = resolve_drafter_path(args.drafter)  # a bad name fails before the model loads
+    prompts = (read_prompts(args.prompts) if args.prompts
+               else calibration_prompts(args.per_domain, args.train_per_domain))
+    core = EngineCore.from_config(EngineConfig(model=args.model, num_threads=args.num_threads,
+                                               max_num_seqs=64, max_num_batched_tokens=1024))
+    text = TextProcessor.from_dir(core.tokenizer_dir)
+    drafter = load_drafter(args.drafter, *core.runner.embedding_and_lm_head())
+    encoded = [text.apply_chat_template([{"role": "user", "content": p["prompt"]}]) for p in prompts]
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_new_tokens, seed=0)
+    data = collect_rounds(core, drafter, encoded, params, args.batch)
+    report = calibrate(data)
+    save_calibration(path, report)
+    plot = plot_reliability(data, report, args.plot or path / "reliability.png")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=1))
+    print(f"{report.num_rounds} rounds from {len(prompts)} prompts; temperatures and metrics "
+          f"in {path / 'calibration.json'}, reliability diagram {plot}")
+    print("position  T       ECE before  ECE after  AUROC before  AUROC after")
+    for k, t in enumerate(report.temperatures):
+        print(f"{k + 1:8d}  {t:6.3f}  {100 * report.ece_before[k]:9.2f}%  "
+              f"{100 * report.ece_after[k]:8.2f}%  {report.auroc_before[k]:12.3f}  "
+              f"{report.auroc_after[k]:11.3f}")
+    return 0

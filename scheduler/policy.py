@@ -1,0 +1,181 @@
+"""The prefix scheduler as an engine allocation policy (engine/allocation.py's interface).
+
+Every round t the engine calls lengths(confidences [R, γ], γ, R). The policy
+    1. turns the drafter's confidences into calibrated prefix survival a [R, γ]
+       (scheduler/calibration.py; plain Π c without a calibration);
+    2. collects whatever answers the scheduler process has sent, and sends it snapshot t,
+       without waiting for anything;
+    3. takes the capacity K computed from snapshot t − lag (lag = 2, DSPARK.md §5). When that
+       answer has not arrived, it takes the newest answer it has from before (a "late round");
+       before any answer exists (start-up) it verifies full blocks;
+    4. admits the K current candidates of highest a (top_k_lengths): ℓ [R], Σ ℓ = min(K, Rγ).
+If the process has died, that round verifies full blocks, the death is counted and the process
+is restarted; nothing is raised to the engine. Any K is lossless here because it never depends on
+this round's tokens (scheduler/allocate.py).
+The counters the engine reports (SpecDecodeStats: capacity, calibration_error, late_rounds,
+scheduler_restarts) are read with stats().
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from scheduler.allocate import top_k_lengths
+from scheduler.calibration import Calibration, OnlineCalibration
+from scheduler.process import DIED, Answer, SchedulerProcess
+from scheduler.throughput import ThroughputCurve
+
+log = logging.getLogger("dspark.scheduler")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    lag: int = 2  # rounds between a snapshot and the round that uses its capacity (DSPARK.md §5)
+    max_in_flight_bytes: int = 1 << 16  # unanswered snapshot bytes before sends are skipped
+    ece_bins: int = 20  # online calibration error, as STS measures it offline
+    # a child that dies at start (a broken install) must not be respawned every round:
+    # restarts are at least this far apart; rounds in between verify full blocks
+    min_restart_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lag < 1:
+            raise ValueError("lag must be >= 1: a round's own snapshot is never answered in time")
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    capacity: int  # K used in the latest round (drafted tokens admitted)
+    capacity_round: int  # the round whose snapshot that K was computed from (-1: none yet)
+    late_rounds: int  # rounds that ran on an older capacity than snapshot t − lag's
+    restarts: int  # scheduler process deaths detected (each followed by a restart)
+    rounds: int  # lengths() calls with confidences
+    calibration_error: float  # online ECE of the calibrated survival (observe())
+    solve_seconds: float  # the process's time for its latest answer
+
+
+class PrefixSchedulerPolicy:
+    def __init__(self, curve: ThroughputCurve, calibration: Calibration | None = None,
+                 config: PolicyConfig = PolicyConfig()) -> None:
+        self.curve, self.calibration, self.config = curve, calibration, config
+        self.process: SchedulerProcess | None = SchedulerProcess(curve, config.max_in_flight_bytes)
+        self.round = 0
+        self._pending: dict[int, Answer] = {}  # answers whose round has not come yet
+        self._current: Answer | None = None  # newest answer with round <= t − lag
+        self._last_survival: np.ndarray | None = None  # [R, γ] of the latest round, for observe()
+        self._online: OnlineCalibration | None = None
+        self.capacity = self.late_rounds = self.restarts = 0
+        self._last_restart = float("-inf")  # time.monotonic() of the latest restart
+
+    # ---- the AllocationPolicy interface --------------------------------------------------------
+    def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int) -> np.ndarray:
+        """confidences: [R, γ] drafter c_k (or None) -> ℓ [R] in 0..γ."""
+        full = np.full(num_requests, gamma, dtype=np.int64)
+        if confidences is None or num_requests == 0:
+            return full
+        a = self.survival(confidences)  # [R, γ]
+        self._last_survival = a
+        t, self.round = self.round, self.round + 1
+        if not self._exchange(t, a):
+            self.capacity = a.size
+            return full  # the process died: full blocks this round
+        self.capacity = self._capacity_for(t, a.size)
+        return top_k_lengths(a, self.capacity)
+
+    def survival(self, confidences: np.ndarray) -> np.ndarray:
+        """[R, γ] drafter confidences -> calibrated prefix survival [R, γ]."""
+        c = np.asarray(confidences, dtype=np.float64)
+        if self.calibration is None:
+            return np.cumprod(np.clip(c, 0.0, 1.0), axis=1)
+        return self.calibration.survival(c)
+
+    # ---- talking to the process --------------------------------------------------------------
+    def _exchange(self, t: int, a: np.ndarray) -> bool:
+        """Collect answers, send snapshot t. False (after a restart) when the process died."""
+        try:
+            if self.process is None or not self.process.alive:
+                raise EOFError("the scheduler process is not running")
+            self._collect(self.process.receive())
+            self.process.send(t, a)
+            return True
+        except DIED as exc:
+            self._restart(exc)
+            return False
+
+    def _collect(self, answers: list[Answer]) -> None:
+        for answer in answers:
+            self._pending[answer.round] = answer
+
+    def _capacity_for(self, t: int, num_candidates: int) -> int:
+        """K from snapshot t − lag, else the newest older one (a late round), else all."""
+        due = t - self.config.lag
+        ready = [r for r in self._pending if r <= due]
+        if ready:
+            self._current = self._pending[max(ready)]
+            for r in ready:
+                del self._pending[r]
+        if due >= 0 and (self._current is None or self._current.round != due):
+            self.late_rounds += 1
+        return num_candidates if self._current is None else self._current.capacity
+
+    def _restart(self, exc: BaseException) -> None:
+        """Answers already received stay valid; those still in flight are lost."""
+        now = time.monotonic()
+        if now - self._last_restart < self.config.min_restart_interval_s:
+            return  # restarted moments ago: full blocks until the interval has passed
+        self.restarts += 1
+        self._last_restart = now
+        log.warning("scheduler process died (%s); verifying full blocks this round, restarting it",
+                    exc)
+        try:
+            if self.process is None:
+                self.process = SchedulerProcess(self.curve, self.config.max_in_flight_bytes)
+            else:
+                self.process.restart()
+        except OSError as err:  # cannot start one now: try again next round
+            log.error("could not restart the scheduler process: %s", err)
+            self.process = None
+
+    def wait(self, round_index: int, timeout: float = 5.0) -> bool:
+        """Block until the answer to snapshot `round_index` (or a newer one) has arrived; for
+        tests and benchmarks that need a deterministic schedule. The engine never calls it."""
+        deadline = time.monotonic() + timeout
+        while not any(r >= round_index for r in self._pending) and (
+                self._current is None or self._current.round < round_index):
+            left = deadline - time.monotonic()
+            if left <= 0 or self.process is None:
+                return False
+            self._collect(self.process.receive(timeout=min(left, 0.05)))
+        return True
+
+    # ---- calibration feedback and counters ---------------------------------------------------
+    def observe(self, verified: np.ndarray, accepted: np.ndarray) -> None:
+        """After the round: ℓ the target verified [R] and drafts it accepted [R], rows in the
+        order of the latest lengths() call; feeds the online calibration error."""
+        a = self._last_survival
+        if a is None or len(verified) != a.shape[0]:
+            return
+        if self._online is None or self._online.gamma != a.shape[1]:
+            self._online = OnlineCalibration(a.shape[1], self.config.ece_bins)
+        self._online.update(a, np.asarray(accepted), np.asarray(verified))
+
+    def stats(self) -> SchedulerStats:
+        answer = self._current
+        return SchedulerStats(
+            capacity=self.capacity, capacity_round=answer.round if answer else -1,
+            late_rounds=self.late_rounds, restarts=self.restarts,
+            rounds=self.round, calibration_error=self._online.error() if self._online else 0.0,
+            solve_seconds=answer.solve_seconds if answer else 0.0)
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.close()
+            self.process = None
+
+    def __enter__(self) -> PrefixSchedulerPolicy:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,162 @@
+"""Measuring the throughput curve on the engine (engine/profile.py), recording calibration rounds
+from real speculative decoding (engine/calibration_data.py), and the two commands
+(scheduler/cli.py), on a tiny random Llama."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from drafters.registry import save_drafter
+from drafters.speculate import speculative_generate
+from engine.calibration_data import RecordingDrafter, collect_rounds
+from engine.config import EngineConfig
+from engine.core import EngineCore
+from engine.messages import SamplingParams
+from engine.profile import ProfileConfig, load_or_profile, profile
+from scheduler import cli as scheduler_cli
+from scheduler.calibration import load_report, logit
+from tests.test_speculate import drafter_for
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def core(tiny_llama_dir) -> EngineCore:
+    return EngineCore.from_config(EngineConfig(model=str(tiny_llama_dir), dtype="float32",
+                                               kv_cache_tokens=8192, max_model_len=256))
+
+
+class ForwardSpy:
+    """Wraps ModelRunner.execute_spec to record the token count of every verification forward."""
+
+    def __init__(self, runner) -> None:
+        self.runner, self.inner, self.tokens = runner, runner.execute_spec, []
+
+    def __call__(self, batch, drafts, layers):
+        self.tokens.append(batch.total_tokens + sum(map(len, drafts)))
+        return self.inner(batch, drafts, layers)
+
+    def __enter__(self) -> ForwardSpy:
+        self.runner.execute_spec = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self.runner.execute_spec  # back to the class's method
+
+
+def test_request_plans_fill_each_size_exactly():
+    config = ProfileConfig(gamma=7)
+    for size in range(1, 60):
+        lengths = config.requests_for(size)
+        assert sum(1 + n for n in lengths) == size
+        assert all(0 <= n <= 7 for n in lengths)
+        assert len(lengths) == -(-size // 8)
+
+
+def test_profile_measures_each_forward_size(core):
+    config = ProfileConfig(sizes=(1, 3, 8, 17, 40), gamma=7, context=12, repeats=2, warmup=1,
+                           capture_layers=(1, 2))
+    free = core.pool.num_free
+    with ForwardSpy(core.runner) as spy:
+        curve = profile(core, config, progress=False)
+    assert spy.tokens == [b for b in config.sizes for _ in range(3)]  # warm-up + 2 timed
+    assert curve.sizes == config.sizes and all(s > 0 for s in curve.steps_per_second)
+    assert "gamma=7 context=12" in curve.model and curve.hardware
+    assert core.pool.num_free == free  # every KV block came back
+
+
+def test_load_or_profile_uses_the_cache(core, tmp_path):
+    config = ProfileConfig(sizes=(1, 8), context=8, repeats=1, warmup=0)
+    with ForwardSpy(core.runner) as spy:
+        first = load_or_profile(core, config, tmp_path, progress=False)
+        second = load_or_profile(core, config, tmp_path, progress=False)
+    assert spy.tokens == [1, 8]  # profiled once
+    assert first == second
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_recording_drafter_matches_the_loop_statistics(core):
+    drafter = drafter_for(core, "dspark", "markov")
+    recorder = RecordingDrafter(drafter)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (6, 21, 13)]
+    _, stats = speculative_generate(core, recorder, prompts, SamplingParams(temperature=1.0,
+                                                                            max_tokens=24, seed=1))
+    data = recorder.data()
+    assert data.logits.shape == (sum(s.rounds for s in stats), drafter.gamma)
+    assert int(data.accepted.sum()) == sum(s.accepted for s in stats)
+    assert np.isfinite(data.logits).all() and not recorder._pending
+
+
+def test_recorded_logits_are_the_drafters_confidences(core):
+    drafter = drafter_for(core, "dspark", "markov")
+    recorder = RecordingDrafter(drafter)
+    recorder.add("r")
+    recorder.extend("r", torch.tensor([5, 9, 11]), torch.randn(3, 2, 64))
+    torch.manual_seed(0)
+    drafter.generator.manual_seed(0)
+    out = drafter.propose(["r"], torch.tensor([4]), torch.tensor([0.0]))
+    drafter.generator.manual_seed(0)
+    recorder.propose(["r"], torch.tensor([4]), torch.tensor([0.0]))
+    recorder.extend("r", torch.tensor([4, int(out.tokens[0, 0])]), torch.randn(2, 2, 64))
+    np.testing.assert_allclose(recorder.data().logits[0], logit(out.confidences[0].numpy()),
+                               rtol=1e-6)
+    assert recorder.data().accepted.tolist() == [1]
+
+
+def test_drafters_without_confidences_are_refused(core):
+    with pytest.raises(ValueError, match="no confidence head"):
+        RecordingDrafter(drafter_for(core, "dflash"))
+
+
+def test_collect_rounds_over_batches(core):
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 320, (n,), generator=g).tolist() for n in (5, 9, 14, 7, 30)]
+    data = collect_rounds(core, drafter_for(core, "dspark", "rnn"), prompts,
+                          SamplingParams(temperature=1.0, max_tokens=12), batch=2, progress=False)
+    assert data.logits.shape[0] >= len(prompts) and data.logits.shape[1] == 5
+    assert data.accepted.min() >= 0 and data.accepted.max() <= 5
+
+
+# ---- the commands ----------------------------------------------------------------------------
+def parse(argv: list[str]):
+    parser = argparse.ArgumentParser(prog="dspark")
+    sub = parser.add_subparsers(dest="command", required=True)
+    scheduler_cli.add_commands(sub)
+    return parser.parse_args(argv)
+
+
+def test_parse_sizes():
+    assert scheduler_cli.parse_sizes("8, 1,4,4") == (1, 4, 8)
+    for bad in ("", "a,2", "0,4"):
+        with pytest.raises(ValueError):
+            scheduler_cli.parse_sizes(bad)
+
+
+def test_profile_command(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "curve.json"
+    args = parse(["profile", "--model", str(tiny_llama_dir), "--sizes", "1,8,24", "--repeats", "1",
+                  "--context", "8", "--dtype", "float32", "--json", str(out)])
+    assert scheduler_cli.run(args) == 0
+    saved = json.loads(out.read_text())
+    assert saved["sizes"] == [1, 8, 24] and len(saved["steps_per_second"]) == 3
+    assert len(list((tmp_path / "cache" / "throughput").glob("*.json"))) == 1
+    assert "steps/s" in capsys.readouterr().out
+
+
+def test_calibrate_command(core, tiny_llama_dir, tmp_path):
+    drafter_dir = save_drafter(drafter_for(core, "dspark", "markov"), tmp_path / "drafter")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"domain": "chat", "prompt": t})
+                                 for t in ("Hello world", "The cat sat", "stop here please")))
+    args = parse(["calibrate", "--drafter", str(drafter_dir), "--prompts", str(prompts),
+                  "--model", str(tiny_llama_dir), "--max-new-tokens", "16", "--batch", "2"])
+    assert scheduler_cli.run(args) == 0
+    report = load_report(drafter_dir)
+    assert len(report.temperatures) == 5 and report.num_rounds >= 3
+    assert (drafter_dir / "reliability.png").stat().st_size > 10_000
