@@ -103,10 +103,15 @@ class EngineConfig:
     spec_method: str = "none"  # none | dspark | dflash | eagle3 | mtp1
     drafter: str = ""  # shipped drafter name or directory; "" = the shipped one of spec_method
     block_size: int = 0  # most drafted tokens verified per request and round; 0 = drafter's gamma
+    # how many drafts each request verifies: the prefix scheduler (drafters with confidences;
+    # scheduler/), or a fixed length (block_size); auto = the scheduler where it can run
+    allocation: str = "auto"  # auto | scheduler | fixed
 
     def __post_init__(self) -> None:
         if self.spec_method not in SPEC_METHODS:
             raise ValueError(f"method must be one of {SPEC_METHODS}, got {self.spec_method!r}")
+        if self.allocation not in ("auto", "scheduler", "fixed"):
+            raise ValueError(f"allocation must be auto, scheduler or fixed, got {self.allocation!r}")
         if self.block_size < 0:
             raise ValueError(f"block size must be >= 0 (0: the drafter's own), got {self.block_size}")
         if self.dtype not in DTYPES:

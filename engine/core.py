@@ -20,6 +20,29 @@ from engine.speculator import Speculator
 from engine.weights import load_model_config, load_state_dict, resolve_checkpoint
 
 
+def allocation_policy(config: EngineConfig, core: EngineCore, drafter) -> AllocationPolicy:
+    """The prefix scheduler for drafters with a confidence head (unless allocation=fixed), with
+    the throughput curve of this model and hardware (profiled now when none is cached) and the
+    drafter's calibration (`dspark calibrate`) when it has one; otherwise fixed lengths."""
+    if config.allocation == "fixed" or (config.allocation == "auto"
+                                        and not drafter.config.has_confidence):
+        return FixedLength(config.block_size or drafter.gamma)
+    if not drafter.config.has_confidence:
+        raise ValueError(f"the scheduler needs confidences; a {drafter.config.method} drafter has none")
+    from drafters.registry import resolve_drafter_path
+    from engine.profile import ProfileConfig, default_cache_dir, load_or_profile
+    from scheduler.calibration import load_calibration
+    from scheduler.policy import PrefixSchedulerPolicy
+
+    sizes = tuple(s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+                  if s <= config.max_num_batched_tokens)
+    curve = load_or_profile(core, ProfileConfig(sizes=sizes, gamma=drafter.gamma,
+                                                capture_layers=tuple(drafter.config.feature_layers)),
+                            default_cache_dir(), progress=False)
+    calibration = load_calibration(resolve_drafter_path(config.drafter or config.spec_method))
+    return PrefixSchedulerPolicy(curve, calibration)
+
+
 def load_engine_drafter(config: EngineConfig, runner: ModelRunner):
     """The drafter of config.spec_method: config.drafter or the shipped one of that method."""
     from drafters.registry import load_drafter
@@ -56,7 +79,8 @@ class EngineCore:
         model_cfg = load_model_config(ckpt, config.served_model_name or name)
         core = cls(config, model_cfg, load_state_dict(ckpt), tokenizer_dir=str(ckpt))
         if config.spec_method != "none":
-            core.enable_speculation(load_engine_drafter(config, core.runner))
+            drafter = load_engine_drafter(config, core.runner)
+            core.enable_speculation(drafter, allocation_policy(config, core, drafter))
         return core
 
     def enable_speculation(self, drafter, policy: AllocationPolicy | None = None) -> None:
@@ -153,6 +177,11 @@ class EngineCore:
         self.last_step_seconds = time.perf_counter() - start
         return outputs
 
+    def close(self) -> None:
+        """Stop helper processes (the prefix scheduler)."""
+        if self.spec is not None and hasattr(self.spec.policy, "close"):
+            self.spec.policy.close()
+
     def _forget(self, request: Request) -> None:
         if self.spec is not None:
             self.spec.forget(request.request_id)
@@ -183,7 +212,7 @@ class EngineCore:
             kv_blocks_total=self.pool.num_blocks, kv_blocks_free=self.pool.num_free,
             num_preemptions=self.batcher.num_preemptions, step_tokens=self.last_step_tokens,
             step_seconds=self.last_step_seconds,
-            spec=self.spec.counters.snapshot() if self.spec else SpecDecodeStats())
+            spec=self.spec.stats() if self.spec else SpecDecodeStats())
 
     def info(self) -> EngineInfo:
         return EngineInfo(

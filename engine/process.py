@@ -37,6 +37,7 @@ def run_engine(config: EngineConfig, conn) -> None:
     except Exception:  # noqa: BLE001 - a bug in a step: tell the API process, then exit
         conn.send(EngineError("engine step failed:\n" + traceback.format_exc(limit=8)))
     finally:
+        core.close()
         conn.close()
 
 

@@ -13,6 +13,7 @@ K/V in the cache); after a preemption the context is rolled back with it.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,7 @@ from engine.sampler import SamplingTensors, filtered_probs_batch, request_genera
 class RoundPlan:
     drafts: list[list[int]]  # per scheduled request: the l_r drafted tokens it sends to verify
     draft_probs: torch.Tensor  # [D, V] p_d of those tokens, request by request (D = sum l_r)
+    rows: list[int] = field(default_factory=list)  # the drafting requests, in the policy's order
 
 
 @dataclass
@@ -101,7 +103,7 @@ class Speculator:
         for i, row in enumerate(rows):
             drafts[row] = out.tokens[i, :lengths[i]].tolist()
             probs.append(full[i, :lengths[i]])
-        return RoundPlan(drafts, torch.cat(probs).to(self.device))
+        return RoundPlan(drafts, torch.cat(probs).to(self.device), rows)
 
     def _sync_context(self, request) -> None:
         rid = request.request_id
@@ -137,7 +139,19 @@ class Speculator:
             emitted[row] = token_rows[i][:n_emit[i]]
             accepted[row] = n_acc[i]
             self.counters.add(len(plan.drafts[row]), n_acc[i])
+        if plan.rows and hasattr(self.policy, "observe"):  # online calibration error
+            self.policy.observe(np.array([len(plan.drafts[r]) for r in plan.rows]),
+                                np.array([accepted[r] for r in plan.rows]))
         return emitted, accepted
+
+    def stats(self) -> SpecDecodeStats:
+        """The counters, plus the scheduler's capacity, lateness and restarts when it runs."""
+        snap = self.counters.snapshot()
+        if not hasattr(self.policy, "stats"):
+            return snap
+        s = self.policy.stats()
+        return dataclasses.replace(snap, capacity=s.capacity, calibration_error=s.calibration_error,
+                                   late_rounds=s.late_rounds, scheduler_restarts=s.restarts)
 
     def _stop_ids(self, params) -> list[int]:
         return list(params.stop_token_ids) + ([] if params.ignore_eos else list(self.eos_token_ids))

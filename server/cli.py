@@ -11,6 +11,7 @@ import os
 import sys
 
 from drafters import cli as drafter_commands
+from scheduler import cli as scheduler_commands
 from engine.config import DTYPES, SPEC_METHODS, EngineConfig
 
 
@@ -30,6 +31,9 @@ def _serve_args(sub) -> None:
                    "(dspark, dspark-rnn, dflash, eagle3, mtp1); default: the method's shipped one")
     p.add_argument("--block-size", type=int, default=0,
                    help="most drafted tokens verified per request and round (0: the drafter's)")
+    p.add_argument("--allocation", choices=("auto", "scheduler", "fixed"), default="auto",
+                   help="verification lengths: the prefix scheduler process (auto: for drafters "
+                   "with confidences) or a fixed length (--block-size)")
     p.add_argument("--sla-tps", type=float, default=0.0, help="per-user decode tokens/s SLA that "
                    "/metrics counts requests against (0: none)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -104,7 +108,7 @@ def engine_config(args) -> EngineConfig:
         max_waiting=args.max_waiting, kv_cache_tokens=args.kv_cache_tokens,
         kv_block_size=args.kv_block_size, num_threads=args.num_threads,
         spec_method=spec_method(args), drafter=getattr(args, "drafter", ""),
-        block_size=getattr(args, "block_size", 0))
+        block_size=getattr(args, "block_size", 0), allocation=getattr(args, "allocation", "auto"))
 
 
 DEFAULT_METHOD = "none"  # becomes "dspark" once its trained drafter ships in drafters/weights
@@ -158,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     _bench_args(sub)
     _loadtest_args(sub)
     drafter_commands.add_commands(sub)
+    scheduler_commands.add_commands(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -166,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         _check_model(args.model)
         if args.command in ("train", "eval"):
             return drafter_commands.run(args)
+        if args.command in ("calibrate", "profile"):
+            return scheduler_commands.run(args)
         if args.command == "serve":
             if args.sla_tps < 0:
                 raise ValueError(f"--sla-tps must be >= 0 (0: none), got {args.sla_tps}")

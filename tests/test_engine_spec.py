@@ -119,3 +119,39 @@ def test_fixed_one_policy_verifies_one_draft(tiny_llama_dir, prompts, reference)
     assert core.generate(prompts[:8], GREEDY) == reference[:8]
     counts = core.stats().spec.verify_length_counts
     assert counts[1] > 0 and sum(counts[2:]) == 0
+
+
+def test_scheduler_allocation_from_config_survives_a_killed_scheduler(tiny_llama_dir, prompts,
+                                                                    reference, tmp_path,
+                                                                    monkeypatch):
+    """`allocation=scheduler`: the engine profiles its throughput curve, runs the scheduler
+    process beside it, and keeps greedy identity; killing the process mid-run loses nothing."""
+    import os
+    import signal
+
+    from drafters.registry import save_drafter
+
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path / "cache"))
+    helper = make_core(tiny_llama_dir)
+    save_drafter(drafter_for(helper, "dspark", "markov"), tmp_path / "d")
+    core = make_core(tiny_llama_dir, spec_method="dspark", drafter=str(tmp_path / "d"),
+                     allocation="scheduler")
+    try:
+        ids = [f"r{i}" for i in range(20)]
+        for rid, p in zip(ids, prompts):
+            core.add(AddRequest(rid, tuple(p), GREEDY))
+        out = {rid: [] for rid in ids}
+        steps = 0
+        while core.has_work:
+            for o in core.step():
+                out[o.request_id].extend(o.new_token_ids)
+            steps += 1
+            if steps == 8:
+                os.kill(core.spec.policy.process.pid, signal.SIGKILL)
+        assert [out[r] for r in ids] == reference[:20]
+        spec = core.stats().spec
+        assert spec.scheduler_restarts >= 1 and spec.num_drafts > 0
+        assert len({n for n, c in enumerate(spec.verify_length_counts) if c}) > 1  # lengths vary
+        assert core.spec.policy.process.alive  # it came back
+    finally:
+        core.close()
