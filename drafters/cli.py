@@ -50,15 +50,23 @@ def add_commands(sub) -> None:
     e.add_argument("--plot", default=None, help="PNG of conditional acceptance per position")
     e.add_argument("--model", default="", help="target checkpoint (default: the embedded model)")
     e.add_argument("--num-threads", type=int, default=0)
+    r = sub.add_parser("eval-table", help="merge `dspark eval --json` files: README table and plot",
+                       formatter_class=fmt)
+    r.add_argument("reports", nargs="+", help="JSON files written by dspark eval --json")
+    r.add_argument("--plot", default=None, help="PNG of conditional acceptance, all drafters")
 
 
 def run(args) -> int:
+    if args.command == "eval-table":
+        return _eval_table(args)
     import torch
 
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "eval-table":
+        return _eval_table(args)
     if args.train == "data":
         return _train_data(args)
     return _train_drafter(args)
@@ -114,4 +122,22 @@ def _eval(args) -> int:
     for name, r in report["drafters"].items():
         taus = " ".join(f"{d}={v:.3f}" for d, v in r["tau"].items())
         print(f"{name}: tau {taus}")
+    return 0
+
+
+def _eval_table(args) -> int:
+    import json
+    from pathlib import Path
+
+    from drafters.evaluate import markdown_table, merge_reports, plot_acceptance
+
+    reports = []
+    for path in args.reports:
+        try:
+            reports.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not a dspark eval report ({exc})") from None
+    print(markdown_table(reports))
+    if args.plot:
+        plot_acceptance(list(merge_reports(reports).values()), args.plot)
     return 0

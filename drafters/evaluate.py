@@ -75,28 +75,60 @@ def write_outputs(report: dict, json_path: str | None, plot_path: str | None) ->
 
 
 def plot_acceptance(reports: list[dict], path: str) -> None:
-    """One panel per domain (+ all); a line per drafter and temperature."""
+    """A row of panels per report (temperature), one panel per domain (+ all); a line per drafter."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    domains = [d for d in reports[0]["prompts"]] + ["all"]
-    fig, axes = plt.subplots(1, len(domains), figsize=(4 * len(domains), 3.6), sharey=True)
-    for ax, domain in zip(axes, domains):
-        for report in reports:
+    domains = list(reports[0]["prompts"]) + ["all"]
+    fig, axes = plt.subplots(len(reports), len(domains), squeeze=False, sharey=True,
+                             figsize=(3.6 * len(domains), 3.2 * len(reports)))
+    for row, report in zip(axes, reports):
+        for ax, domain in zip(row, domains):
             for name, r in report["drafters"].items():
                 values = r["conditional_acceptance"][domain]
                 ks = [k + 1 for k, v in enumerate(values) if v is not None]
-                ys = [v for v in values if v is not None]
-                label = f"{name} (T={report['temperature']:g}, τ={r['tau'][domain if domain in r['tau'] else 'all']:.2f})"
-                ax.plot(ks, ys, marker="o", label=label)
-        ax.set_title(domain)
-        ax.set_xlabel("draft position k")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("P(accept k | 1..k-1 accepted)")
-    axes[-1].legend(fontsize=7, loc="lower left")
+                ax.plot(ks, [v for v in values if v is not None], marker="o",
+                        label=f"{Path(name).name} (τ {r['tau'][domain]:.2f})")
+            ax.set_title(f"{domain}, T={report['temperature']:g}")
+            ax.set_xlabel("draft position k")
+            ax.set_xticks(range(1, 1 + max(len(r["conditional_acceptance"][domain])
+                                          for r in report["drafters"].values())))
+            ax.set_ylim(0, 1)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6, loc="best")
+        row[0].set_ylabel("P(accept k | 1..k-1 accepted)")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def merge_reports(reports: list[dict]) -> dict[float, dict]:
+    """Reports of single `dspark eval` runs -> {temperature: {"prompts", "drafters": {...}}}."""
+    merged: dict[float, dict] = {}
+    for r in reports:
+        slot = merged.setdefault(r["temperature"], {"temperature": r["temperature"],
+                                                     "prompts": r["prompts"], "drafters": {}})
+        slot["drafters"].update(r["drafters"])
+    return merged
+
+
+def markdown_table(reports: list[dict]) -> str:
+    """tau per domain for every drafter and temperature, and DSpark's macro-average ratios."""
+    merged = merge_reports(reports)
+    domains = list(next(iter(merged.values()))["prompts"])
+    head = "| drafter | T | " + " | ".join(domains) + " | macro | all |"
+    lines = [head, "|" + "---|" * (len(domains) + 4)]
+    ratios = []
+    for t, report in sorted(merged.items()):
+        rows = report["drafters"]
+        for name, r in rows.items():
+            cells = " | ".join(f"{r['tau'][d]:.2f}" for d in domains)
+            lines.append(f"| {Path(name).name} | {t:g} | {cells} | {r['tau']['macro']:.2f} | "
+                         f"{r['tau']['all']:.2f} |")
+        by = {Path(n).name: r["tau"]["macro"] for n, r in rows.items()}
+        for other in ("dflash", "eagle3", "mtp1"):
+            if "dspark" in by and other in by:
+                ratios.append(f"T={t:g}: dspark ÷ {other} = {by['dspark'] / by[other]:.3f}")
+    return "\n".join(lines) + ("\n\nmacro-average τ ratios: " + "; ".join(ratios) if ratios else "")

@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "loadtest":
             return _loadtest(args)
-        _check_model(args.model)
-        if args.command in ("train", "eval"):
+        _check_model(getattr(args, "model", ""))
+        if args.command in ("train", "eval", "eval-table"):
             return drafter_commands.run(args)
         if args.command in ("calibrate", "profile"):
             return scheduler_commands.run(args)

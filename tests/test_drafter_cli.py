@@ -44,6 +44,16 @@ def test_train_then_eval_writes_tau_and_plot(trained, tmp_path):
     tau = report["drafters"][str(root / "d")]["tau"]
     assert set(tau) == {"alpha", "beta", "all", "macro"} and all(1.0 <= v <= 4.0 for v in tau.values())
     assert png.read_bytes()[:4] == b"\x89PNG"
+    # a second temperature and the merged README table + plot
+    out0 = tmp_path / "e0.json"
+    assert main(["eval", "--model", model, "--drafter", str(root / "d"), "--prompts", str(prompts),
+                 "--max-new-tokens", "8", "--temperature", "0", "--json", str(out0),
+                 "--num-threads", "1"]) == 0
+    from drafters.evaluate import markdown_table
+    table = markdown_table([report, json.loads(out0.read_text())])
+    assert "| d | 0 |" in table and "| d | 1 |" in table
+    assert main(["eval-table", str(out), str(out0), "--plot", str(tmp_path / "all.png")]) == 0
+    assert (tmp_path / "all.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_training_resumes_from_its_checkpoint(trained, capsys):
