@@ -36,11 +36,13 @@ class SpecBenchConfig:
     drafter_dir: str = ""  # drafters in drafter_dir/<method>; "" = the shipped ones
 
 
-def bench_prompts(cfg: SpecBenchConfig, text) -> list[list[int]]:
+def bench_prompts(cfg: SpecBenchConfig, text, max_len: int = 1 << 30) -> list[list[int]]:
+    """Held-out chat prompts, keeping those that leave room for max_tokens within max_len."""
     from drafters.prompts import eval_prompts
 
-    return [text.apply_chat_template([{"role": "user", "content": p["prompt"]}])
-            for p in eval_prompts(cfg.prompts_per_domain)]
+    ids = [text.apply_chat_template([{"role": "user", "content": p["prompt"]}])
+           for p in eval_prompts(cfg.prompts_per_domain)]
+    return [p for p in ids if len(p) + cfg.max_tokens + 16 <= max_len]
 
 
 def closed_loop(core: EngineCore, prompts: list[list[int]], concurrency: int,
@@ -56,7 +58,9 @@ def closed_loop(core: EngineCore, prompts: list[list[int]], concurrency: int,
     while todo or live:
         while todo and len(live) < concurrency:
             i = todo.pop(0)
-            core.add(AddRequest(f"bench-{i}-{time.monotonic_ns()}", tuple(prompts[i]), params))
+            ack = core.add(AddRequest(f"bench-{i}-{time.monotonic_ns()}", tuple(prompts[i]), params))
+            if ack.finish_reason == "rejected":
+                raise ValueError(f"benchmark prompt {i} rejected: {ack.error}")
             live.add(i)
         for out in core.step():
             i = int(out.request_id.split("-")[1])
@@ -113,7 +117,8 @@ def bench_spec(cfg: SpecBenchConfig) -> dict:
     for method in cfg.methods:
         core = _core(cfg, method, cfg.dtype)
         if prompts is None:
-            prompts = bench_prompts(cfg, TextProcessor.from_dir(core.tokenizer_dir))
+            prompts = bench_prompts(cfg, TextProcessor.from_dir(core.tokenizer_dir),
+                                    core.max_model_len)
             result.update(model=core.model_cfg.name, prompts=len(prompts),
                           dtype=str(core.runner.dtype).removeprefix("torch."))
         closed_loop(core, prompts[:2], 2, 8)  # warm-up

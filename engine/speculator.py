@@ -135,10 +135,12 @@ class Speculator:
         stops = StopTokens.from_sets([self._stop_ids(r.params) for r in requests], logits.device)
         n_emit, _ = truncate_at_stop(out, stops)
         token_rows, n_emit, n_acc = out.token_ids.tolist(), n_emit.tolist(), out.num_accepted.tolist()
+        drafting = set(plan.rows)  # rounds of decoding requests; prefill ends are not counted
         for i, row in enumerate(due):
             emitted[row] = token_rows[i][:n_emit[i]]
             accepted[row] = n_acc[i]
-            self.counters.add(len(plan.drafts[row]), n_acc[i])
+            if row in drafting:
+                self.counters.add(len(plan.drafts[row]), n_acc[i])
         if plan.rows and hasattr(self.policy, "observe"):  # online calibration error
             self.policy.observe(np.array([len(plan.drafts[r]) for r in plan.rows]),
                                 np.array([accepted[r] for r in plan.rows]))

@@ -74,6 +74,24 @@ def _bench_args(sub) -> None:
     s.add_argument("--per-domain", type=int, default=4, help="held-out prompts per domain")
     s.add_argument("--no-identical", action="store_true", help="skip the float32 identity check")
     s.add_argument("--json", default=None, help="write the results here")
+    a = which.add_parser("sla", help="per-user speed vs aggregate throughput under load, per method",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("--model", default="")
+    a.add_argument("--dtype", default="auto", choices=DTYPES)
+    a.add_argument("--max-tokens", type=int, default=48)
+    a.add_argument("--levels", default="1,2,4,8,16,32", help="closed-loop concurrency levels")
+    a.add_argument("--json", default=None, help="write the results here")
+    a.add_argument("--plot", default=None, help="PNG of the speed/throughput frontier")
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--levels must be comma-separated integers, got {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise ValueError("--levels must be positive")
+    return levels
 
 
 def _loadtest_args(sub) -> None:
@@ -183,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             bench_main(BenchConfig(model=args.model, dtype=args.dtype, max_tokens=args.max_tokens,
                                    repeats=args.repeats, check_identical=not args.no_identical),
                        args.json)
+        elif args.command == "bench" and args.bench == "sla":
+            from engine.bench_sla import SlaBenchConfig, main as sla_main
+
+            sla_main(SlaBenchConfig(model=args.model, dtype=args.dtype, max_tokens=args.max_tokens,
+                                    levels=_levels(args.levels)), args.json, args.plot)
         elif args.command == "bench" and args.bench == "spec":
             from engine.bench_spec import SpecBenchConfig, main as spec_main
 

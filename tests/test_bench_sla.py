@@ -1,0 +1,43 @@
+"""`dspark bench sla` on the tiny model with random drafters: every method at every level, the
+SLA fields and the frontier plot."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from drafters.registry import save_drafter
+from engine.bench_sla import SlaBenchConfig, main, sustained
+from engine.config import EngineConfig
+from engine.core import EngineCore
+from tests.test_speculate import drafter_for
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_bench_sla_fields_and_plot(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path / "cache"))
+    core = EngineCore.from_config(EngineConfig(model=str(tiny_llama_dir), dtype="float32"))
+    save_drafter(drafter_for(core, "dspark", "markov"), tmp_path / "d" / "dspark")
+    save_drafter(drafter_for(core, "mtp1"), tmp_path / "d" / "mtp1")
+    out, png = tmp_path / "sla.json", tmp_path / "sla.png"
+    result = main(SlaBenchConfig(model=str(tiny_llama_dir), dtype="float32", max_tokens=6,
+                                 levels=(1, 2, 4), drafter_dir=str(tmp_path / "d")), str(out), str(png))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert set(result["methods"]) == {"dspark+scheduler", "dspark-fixed", "mtp1", "none"}
+    for rows in result["methods"].values():
+        assert set(rows) == {"1", "2", "4"} and all(r["aggregate_tps"] > 0 for r in rows.values())
+    assert result["ratio_vs_none_c4"] > 0 and set(result["mean_verify_len"]) == {"1", "2", "4"}
+    assert result["methods"]["dspark-fixed"]["1"]["mean_verify_len"] == 5.0  # the tiny drafters draft 5
+    assert result["methods"]["mtp1"]["1"]["mean_verify_len"] == 1.0
+    assert result["sla_strict_tps"] > result["sla_moderate_tps"] > 0
+    assert result["gain_vs_mtp1_moderate"] is None or result["gain_vs_mtp1_moderate"] >= 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sustained_throughput_is_the_best_level_meeting_the_sla():
+    rows = {"1": {"per_user_tps": 30.0, "aggregate_tps": 30.0},
+            "4": {"per_user_tps": 20.0, "aggregate_tps": 70.0},
+            "8": {"per_user_tps": 9.0, "aggregate_tps": 90.0}}
+    assert sustained(rows, 20.0) == 70.0
+    assert sustained(rows, 31.0) == 0.0
