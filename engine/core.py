@@ -36,9 +36,9 @@ def allocation_policy(config: EngineConfig, core: EngineCore, drafter) -> Alloca
 
     sizes = tuple(s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
                   if s <= config.max_num_batched_tokens)
-    curve = load_or_profile(core, ProfileConfig(sizes=sizes, gamma=drafter.gamma,
-                                                capture_layers=tuple(drafter.config.feature_layers)),
-                            default_cache_dir(), progress=False)
+    profile = ProfileConfig(sizes=sizes, gamma=drafter.gamma, repeats=1,
+                            capture_layers=tuple(drafter.config.feature_layers))
+    curve = load_or_profile(core, profile, default_cache_dir(), progress=False)
     calibration = load_calibration(resolve_drafter_path(config.drafter or config.spec_method))
     return PrefixSchedulerPolicy(curve, calibration)
 

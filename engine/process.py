@@ -7,6 +7,7 @@ before it starts a stream. When there is no work the loop blocks on the pipe; it
 """
 from __future__ import annotations
 
+import logging
 import traceback
 
 from engine.config import EngineConfig
@@ -21,6 +22,9 @@ from engine.messages import (
 
 
 def run_engine(config: EngineConfig, conn) -> None:
+    # a spawned process starts with logging unconfigured: its start-up news (the throughput
+    # profile, the drafter) must reach the server's log
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         from engine.core import EngineCore
 

@@ -129,7 +129,7 @@ def engine_config(args) -> EngineConfig:
         block_size=getattr(args, "block_size", 0), allocation=getattr(args, "allocation", "auto"))
 
 
-DEFAULT_METHOD = "none"  # becomes "dspark" once its trained drafter ships in drafters/weights
+DEFAULT_METHOD = "dspark"  # the shipped drafter of the embedded model (drafters/weights)
 
 
 def spec_method(args) -> str:

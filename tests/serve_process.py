@@ -21,7 +21,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, what: str, timeout_s: float = 120) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, what: str, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         assert proc.poll() is None, f"{what} exited: {proc.stderr.read() if proc.stderr else ''}"
