@@ -51,10 +51,9 @@ class ContextCache:
 class Drafter(ABC):
     """Common cache bookkeeping and draft sampling; subclasses own the model."""
 
-    model: nn.Module
-
-    def __init__(self, config: DrafterConfig) -> None:
+    def __init__(self, config: DrafterConfig, model: nn.Module | None = None) -> None:
         self.config = config
+        self.model = model
         self.caches: dict[str, ContextCache] = {}
         self.generator = torch.Generator().manual_seed(0)
 

@@ -104,10 +104,6 @@ class ChainDrafterModel(nn.Module):
 class ChainDrafter(Drafter):
     """Drafter interface over ChainDrafterModel: gamma sequential passes."""
 
-    def __init__(self, model: ChainDrafterModel) -> None:
-        super().__init__(model.cfg)
-        self.model = model
-
     def _extend(self, cache: ContextCache, tokens: torch.Tensor, features: torch.Tensor) -> None:
         model, n, m = self.model, cache.length, tokens.shape[0]
         ctx = model.fusion(features)  # [m, d]

@@ -96,10 +96,6 @@ class ParallelDrafterModel(nn.Module):
 class ParallelDrafter(Drafter):
     """Drafter interface over ParallelDrafterModel: one backbone pass, then the head per position."""
 
-    def __init__(self, model: ParallelDrafterModel) -> None:
-        super().__init__(model.cfg)
-        self.model = model
-
     def _extend(self, cache: ContextCache, tokens: torch.Tensor, features: torch.Tensor) -> None:
         positions = torch.arange(cache.length, cache.length + tokens.shape[0])
         ctx = self.model.fusion(features)  # [m, d]

@@ -27,8 +27,8 @@ SHIPPED = ("dspark", "dspark-rnn", "dflash", "eagle3", "mtp1")
 
 def build_drafter(cfg: DrafterConfig, vocab: SharedVocab) -> Drafter:
     if cfg.parallel:
-        return ParallelDrafter(ParallelDrafterModel(cfg, vocab))
-    return ChainDrafter(ChainDrafterModel(cfg, vocab))
+        return ParallelDrafter(cfg, ParallelDrafterModel(cfg, vocab))
+    return ChainDrafter(cfg, ChainDrafterModel(cfg, vocab))
 
 
 def resolve_drafter_path(name_or_path: str) -> Path:

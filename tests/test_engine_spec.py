@@ -63,7 +63,8 @@ class ScriptedDrafter(Drafter):
         raise NotImplementedError
 
 
-def run_with_aborts(core: EngineCore, prompts, abort_every: int = 0) -> dict[str, list[int]]:
+def run_with_aborts(core: EngineCore, prompts, abort_every: int = 0,
+                    on_step=None) -> dict[str, list[int]]:
     ids = [f"r{i}" for i in range(len(prompts))]
     for rid, p in zip(ids, prompts):
         assert core.add(AddRequest(rid, tuple(p), GREEDY)).finish_reason is None
@@ -73,6 +74,8 @@ def run_with_aborts(core: EngineCore, prompts, abort_every: int = 0) -> dict[str
         for o in core.step():
             out[o.request_id].extend(o.new_token_ids)
         steps += 1
+        if on_step is not None:
+            on_step(steps)
         if abort_every and steps == 6:
             for rid in ids[::abort_every]:
                 core.abort(rid)
@@ -137,17 +140,12 @@ def test_scheduler_allocation_from_config_survives_a_killed_scheduler(tiny_llama
     core = make_core(tiny_llama_dir, spec_method="dspark", drafter=str(tmp_path / "d"),
                      allocation="scheduler")
     try:
-        ids = [f"r{i}" for i in range(20)]
-        for rid, p in zip(ids, prompts):
-            core.add(AddRequest(rid, tuple(p), GREEDY))
-        out = {rid: [] for rid in ids}
-        steps = 0
-        while core.has_work:
-            for o in core.step():
-                out[o.request_id].extend(o.new_token_ids)
-            steps += 1
-            if steps == 8:
+        def kill_at_step_8(step: int) -> None:
+            if step == 8:
                 os.kill(core.spec.policy.process.pid, signal.SIGKILL)
+
+        out = run_with_aborts(core, prompts[:20], on_step=kill_at_step_8)
+        ids = [f"r{i}" for i in range(20)]
         assert [out[r] for r in ids] == reference[:20]
         spec = core.stats().spec
         assert spec.scheduler_restarts >= 1 and spec.num_drafts > 0
