@@ -1,9 +1,10 @@
 """Allocation policies: how many of each request's drafted tokens the target verifies this round.
 
-    lengths(confidences, capacity_hint) -> l_r in 0..gamma for every drafting request
+    lengths(confidences, gamma, R, priority) -> l_r in 0..gamma for every drafting request
 
 The engine calls the policy once per round with the drafter's confidences [R, gamma] (None when
-the drafter has no confidence head). Fixed policies ignore them; the prefix scheduler process
+the drafter has no confidence head) and priority [R] (requests below their per-request SLA
+floor, which a policy that ranks candidates admits first; None: no floors). Fixed policies ignore them; the prefix scheduler process
 (scheduler/) plugs in through the same interface. Deals in NumPy arrays only.
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ import numpy as np
 
 
 class AllocationPolicy(Protocol):
-    def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int) -> np.ndarray:
+    def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int,
+                priority: np.ndarray | None = None) -> np.ndarray:
         """-> [R] int verification lengths, each in 0..gamma."""
         ...
 
@@ -28,5 +30,6 @@ class FixedLength:
             raise ValueError(f"fixed verification length must be >= 0, got {n}")
         self.n = n
 
-    def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int) -> np.ndarray:
+    def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int,
+                priority: np.ndarray | None = None) -> np.ndarray:
         return np.full(num_requests, min(self.n, gamma), dtype=np.int64)

@@ -46,8 +46,9 @@ def bench_prompts(cfg: SpecBenchConfig, text, max_len: int = 1 << 30) -> list[li
 
 
 def closed_loop(core: EngineCore, prompts: list[list[int]], concurrency: int,
-                max_tokens: int) -> tuple[dict, list[list[int]]]:
-    """-> ({per_user_tps, aggregate_tps}, outputs in prompt order)."""
+                max_tokens: int, speeds_out: list[float] | None = None) -> tuple[dict, list[list[int]]]:
+    """-> ({per_user_tps, aggregate_tps}, outputs in prompt order); every request's decode
+    tok/s is appended to speeds_out when given."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     todo = list(range(len(prompts)))
     first: dict[int, float] = {}
@@ -73,6 +74,8 @@ def closed_loop(core: EngineCore, prompts: list[list[int]], concurrency: int,
     wall = time.perf_counter() - start
     speeds = [(len(outs[i]) - 1) / (last[i] - first[i]) for i in outs
               if len(outs[i]) > 1 and last[i] > first[i]]
+    if speeds_out is not None:
+        speeds_out.extend(speeds)
     return ({"per_user_tps": round(statistics.median(speeds), 2),
              "aggregate_tps": round(sum(len(o) for o in outs.values()) / wall, 2)},
             [outs[i] for i in range(len(prompts))])

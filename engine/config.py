@@ -106,12 +106,20 @@ class EngineConfig:
     # how many drafts each request verifies: the prefix scheduler (drafters with confidences;
     # scheduler/), or a fixed length (block_size); auto = the scheduler where it can run
     allocation: str = "auto"  # auto | scheduler | fixed
+    # beyond the paper (scheduler/ and engine/speculator.py):
+    sla_tps: float = 0.0  # per-user decode tokens/s floor of requests that set none (0: none);
+    #                       requests below their floor are admitted to verification first
+    draft_skip_after: int = 2  # skip drafting for a request after this many rounds in a row
+    #                            in which none of its block was verified (0: never skip)
+    recalibrate: bool = True  # refit the temperatures online when acceptance drifts
 
     def __post_init__(self) -> None:
         if self.spec_method not in SPEC_METHODS:
             raise ValueError(f"method must be one of {SPEC_METHODS}, got {self.spec_method!r}")
         if self.allocation not in ("auto", "scheduler", "fixed"):
             raise ValueError(f"allocation must be auto, scheduler or fixed, got {self.allocation!r}")
+        if self.sla_tps < 0 or self.draft_skip_after < 0:
+            raise ValueError("sla_tps and draft_skip_after must be >= 0 (0: off)")
         if self.block_size < 0:
             raise ValueError(f"block size must be >= 0 (0: the drafter's own), got {self.block_size}")
         if self.dtype not in DTYPES:

@@ -30,17 +30,26 @@ def allocation_policy(config: EngineConfig, core: EngineCore, drafter) -> Alloca
     if not drafter.config.has_confidence:
         raise ValueError(f"the scheduler needs confidences; a {drafter.config.method} drafter has none")
     from drafters.registry import resolve_drafter_path
-    from engine.profile import ProfileConfig, default_cache_dir, load_or_profile
     from scheduler.calibration import load_calibration
     from scheduler.policy import PrefixSchedulerPolicy
+    from scheduler.recalibrate import RecalibrationConfig
+
+    curve = throughput_curve(core, drafter)
+    calibration = load_calibration(resolve_drafter_path(config.drafter or config.spec_method))
+    return PrefixSchedulerPolicy(curve, calibration,
+                                 recalibration=RecalibrationConfig() if config.recalibrate else None)
+
+
+def throughput_curve(core: EngineCore, drafter):
+    """The SPS curve of this model and hardware at the forward sizes this engine can run
+    (cached; profiled now, and logged, when no cached curve fits)."""
+    from engine.profile import ProfileConfig, default_cache_dir, load_or_profile
 
     sizes = tuple(s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-                  if s <= config.max_num_batched_tokens)
+                  if s <= core.config.max_num_batched_tokens)
     profile = ProfileConfig(sizes=sizes, gamma=drafter.gamma, repeats=1,
                             capture_layers=tuple(drafter.config.feature_layers))
-    curve = load_or_profile(core, profile, default_cache_dir(), progress=False)
-    calibration = load_calibration(resolve_drafter_path(config.drafter or config.spec_method))
-    return PrefixSchedulerPolicy(curve, calibration)
+    return load_or_profile(core, profile, default_cache_dir(), progress=False)
 
 
 def load_engine_drafter(config: EngineConfig, runner: ModelRunner):
@@ -88,7 +97,8 @@ class EngineCore:
         config.block_size (or the drafter's whole block) drafted tokens per request."""
         cap = self.config.block_size or drafter.gamma
         self.spec = Speculator(drafter, policy or FixedLength(cap), cap, self.model_cfg.vocab_size,
-                               self.model_cfg.eos_token_ids, self.max_model_len, self.runner.device)
+                               self.model_cfg.eos_token_ids, self.max_model_len, self.runner.device,
+                               self.config.draft_skip_after)
 
     # ---- requests --------------------------------------------------------------------------
     def add(self, message: AddRequest) -> RequestOutput:
@@ -102,7 +112,8 @@ class EngineCore:
         elif any(not 0 <= t < self.model_cfg.vocab_size for t in prompt):
             error = "prompt token id out of the vocabulary"
         if error is None:
-            request = Request(rid, prompt, message.params, user=message.user)
+            floor = self.config.sla_tps if message.sla_tps is None else message.sla_tps
+            request = Request(rid, prompt, message.params, user=message.user, sla_tps=floor)
             if self.batcher.add(request):
                 self.requests[rid] = request
                 return RequestOutput(rid, (), num_prompt_tokens=len(prompt))
@@ -163,9 +174,12 @@ class EngineCore:
         emitted, accepted = self.spec.accept(batch, plan, logits, counts)
         self.spec.commit(batch, plan, hidden, accepted)
         outputs = []
+        now = time.monotonic()
         for row, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
             request.num_computed_tokens += n + accepted[row]
             self.pool.rollback(request, request.num_computed_tokens)  # rejected and unused slots
+            if emitted[row]:
+                request.note_emitted(len(emitted[row]), now)
             for token in emitted[row]:
                 request.append_token(token)
                 self._check_finished(request)

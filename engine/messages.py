@@ -47,6 +47,7 @@ class AddRequest:
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
     user: str = ""  # who asked (OpenAI's `user` field), for per-user metrics
+    sla_tps: float | None = None  # this request's decode tokens/s floor (None: the server's)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,9 @@ class SpecDecodeStats:
     calibration_error: float = 0.0  # expected calibration error of the calibrated confidences
     late_rounds: int = 0  # rounds that used an older capacity because the scheduler was late
     scheduler_restarts: int = 0  # times the scheduler process died and was restarted
+    recalibrations: int = 0  # online refits of the confidence temperatures
+    num_draft_skips: int = 0  # request-rounds not drafted: recent blocks went unverified
+    num_sla_priority: int = 0  # request-rounds admitted first because below their SLA floor
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,17 @@
-"""A request and the state it owns: tokens, how many have KV in the cache, its KV block table."""
+"""A request and the state it owns: tokens, how many have KV in the cache, its KV block table,
+and what speculation needs to know of its past: recent decode speed (SLA floors) and how its
+recent drafts fared (draft skipping)."""
 from __future__ import annotations
 
 import enum
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from engine.messages import SamplingParams
+
+
+RECENT_STEPS = 9  # emitting steps recent_tps() looks back over (8 intervals)
 
 
 class Status(enum.Enum):
@@ -29,6 +35,11 @@ class Request:
     num_preemptions: int = 0
     generator: object = None  # the request's own torch.Generator, made by the sampler
     num_sent_tokens: int = 0  # output tokens already reported to the API process
+    sla_tps: float = 0.0  # decode tokens/s floor (0: none)
+    # (time, tokens emitted) of its latest emitting steps: recent_tps() reads them
+    emissions: deque = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
+    idle_drafts: int = 0  # drafted rounds in a row that verified none of the block
+    skipped_drafts: int = 0  # rounds in a row it was not drafted for
 
     def __post_init__(self) -> None:
         assert self.prompt_token_ids, "a request needs at least one prompt token"
@@ -61,6 +72,23 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
+
+    def note_emitted(self, count: int, now: float) -> None:
+        self.emissions.append((now, count))
+
+    def recent_tps(self) -> float | None:
+        """Decode tokens/s over its latest emitting steps: tokens emitted after the first of
+        them / time since it; None before two steps (the first token's wait is not decode)."""
+        if len(self.emissions) < 2:
+            return None
+        span = self.emissions[-1][0] - self.emissions[0][0]
+        tokens = sum(n for _, n in self.emissions) - self.emissions[0][1]
+        return tokens / span if span > 0 else None
+
+    def below_floor(self) -> bool:
+        """It has a floor and its recent decode speed is under it."""
+        speed = self.recent_tps() if self.sla_tps > 0 else None
+        return speed is not None and speed < self.sla_tps
 
     def finish(self, reason: str) -> None:
         self.status = Status.FINISHED

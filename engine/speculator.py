@@ -10,6 +10,14 @@
 
 A request's drafter context always covers exactly its num_computed_tokens tokens (the ones with
 K/V in the cache); after a preemption the context is rolled back with it.
+
+Two decisions read only the request's past, never this round's drafts, so both stay lossless:
+    SLA floor      a request whose recent decode tokens/s is below its floor is flagged, and
+                   the policy admits its candidates first (scheduler/allocate.py top_k_lengths)
+    draft skipping a request whose last `skip_after` drafted blocks had none of their tokens
+                   verified (the policy gave it ℓ = 0: its confidences lose to the others')
+                   is not drafted, ℓ = 0, saving its share of the drafter's work; every
+                   SKIP_PROBE-th round it is drafted again, so fresh confidences can win it back
 """
 from __future__ import annotations
 
@@ -25,6 +33,8 @@ from engine.messages import SpecDecodeStats
 from engine.rejection_sampler import (StopTokens, draw_round_randoms, rejection_sample,
                                       truncate_at_stop)
 from engine.sampler import SamplingTensors, filtered_probs_batch, request_generator
+
+SKIP_PROBE = 4  # a skipping request is drafted again after this many skipped rounds
 
 
 @dataclass
@@ -44,6 +54,8 @@ class SpecCounters:
     num_accepted_tokens: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)
     verify_length_counts: list[int] = field(default_factory=list)
+    num_draft_skips: int = 0
+    num_sla_priority: int = 0
 
     def __post_init__(self) -> None:
         self.accepted_per_pos = [0] * self.gamma
@@ -60,12 +72,15 @@ class SpecCounters:
 
     def snapshot(self) -> SpecDecodeStats:
         return SpecDecodeStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
-                               tuple(self.accepted_per_pos), tuple(self.verify_length_counts))
+                               tuple(self.accepted_per_pos), tuple(self.verify_length_counts),
+                               num_draft_skips=self.num_draft_skips,
+                               num_sla_priority=self.num_sla_priority)
 
 
 class Speculator:
     def __init__(self, drafter, policy: AllocationPolicy, max_verify: int, vocab_size: int,
-                 eos_token_ids: tuple[int, ...], max_model_len: int, device: torch.device) -> None:
+                 eos_token_ids: tuple[int, ...], max_model_len: int, device: torch.device,
+                 skip_after: int = 0) -> None:
         self.drafter = drafter
         self.policy = policy
         self.gamma = drafter.gamma
@@ -76,6 +91,7 @@ class Speculator:
         self.device = device
         self.capture_layers = tuple(drafter.config.feature_layers)
         self.counters = SpecCounters(self.gamma)
+        self.skip_after = skip_after  # 0: always draft
 
     def forget(self, request_id: str) -> None:
         self.drafter.remove(request_id)
@@ -86,24 +102,38 @@ class Speculator:
         for row, (request, extra) in enumerate(zip(batch.requests, batch.num_lookahead)):
             self._sync_context(request)
             if extra and request.num_computed_tokens > 0:
+                if self._skips(request):
+                    continue
                 rows.append(row)
         drafts: list[list[int]] = [[] for _ in batch.requests]
         if not rows:
             return RoundPlan(drafts, torch.zeros(0, self.vocab_size, device=self.device))
         requests = [batch.requests[r] for r in rows]
+        priority = np.array([r.below_floor() for r in requests])  # [R]
+        self.counters.num_sla_priority += int(priority.sum())
         temps = torch.tensor([r.params.temperature for r in requests], dtype=torch.float32)
         anchors = torch.tensor([r.token_ids(r.num_tokens - 1, r.num_tokens)[0] for r in requests])
         out = self.drafter.propose([r.request_id for r in requests], anchors, temps)
         conf = None if out.confidences is None else out.confidences.cpu().numpy()
         room = [min(batch.num_lookahead[row], self.max_model_len - r.num_tokens)
                 for row, r in zip(rows, requests)]  # reserved slots, and the context limit
-        lengths = np.minimum(self.policy.lengths(conf, self.gamma, len(rows)), room)
+        lengths = np.minimum(self.policy.lengths(conf, self.gamma, len(rows), priority), room)
         full = out.full_probs(self.vocab_size)  # [R, gamma, V]
         probs = []
         for i, row in enumerate(rows):
             drafts[row] = out.tokens[i, :lengths[i]].tolist()
             probs.append(full[i, :lengths[i]])
         return RoundPlan(drafts, torch.cat(probs).to(self.device), rows)
+
+    def _skips(self, request) -> bool:
+        """Skip drafting this round (and count it as a round that verified 0)?"""
+        skip = (self.skip_after > 0 and request.idle_drafts >= self.skip_after
+                and request.skipped_drafts < SKIP_PROBE - 1)
+        request.skipped_drafts = request.skipped_drafts + 1 if skip else 0
+        if skip:
+            self.counters.num_draft_skips += 1
+            self.counters.verify_length_counts[0] += 1
+        return skip
 
     def _sync_context(self, request) -> None:
         rid = request.request_id
@@ -141,6 +171,8 @@ class Speculator:
             accepted[row] = n_acc[i]
             if row in drafting:
                 self.counters.add(len(plan.drafts[row]), n_acc[i])
+                request = batch.requests[row]
+                request.idle_drafts = 0 if plan.drafts[row] else request.idle_drafts + 1
         if plan.rows and hasattr(self.policy, "observe"):  # online calibration error
             self.policy.observe(np.array([len(plan.drafts[r]) for r in plan.rows]),
                                 np.array([accepted[r] for r in plan.rows]))
@@ -153,7 +185,8 @@ class Speculator:
             return snap
         s = self.policy.stats()
         return dataclasses.replace(snap, capacity=s.capacity, calibration_error=s.calibration_error,
-                                   late_rounds=s.late_rounds, scheduler_restarts=s.restarts)
+                                   late_rounds=s.late_rounds, scheduler_restarts=s.restarts,
+                                   recalibrations=s.recalibrations)
 
     def _stop_ids(self, params) -> list[int]:
         return list(params.stop_token_ids) + ([] if params.ignore_eos else list(self.eos_token_ids))

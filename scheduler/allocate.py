@@ -78,17 +78,23 @@ def global_capacity(a: np.ndarray, curve: ThroughputCurve) -> int:
     return int(np.argmax(theta))
 
 
-def top_k_lengths(a: np.ndarray, capacity: int) -> np.ndarray:
+def top_k_lengths(a: np.ndarray, capacity: int, priority: np.ndarray | None = None) -> np.ndarray:
     """Admit the k = min(K, Rγ) candidates of highest current a: a [R, γ] -> ℓ [R], Σ ℓ = k.
     The same set as the first k of candidate_order, found in O(Rγ) on the engine's path:
     v = the k-th largest a; admit every a > v, then the first (row-major) of those equal to v.
-    Prefix-respecting: in a row, a > v is a prefix and its ties with v follow it directly."""
-    a = check_survival(a)
-    flat = a.ravel()  # [Rγ]
+    Prefix-respecting: in a row, a > v is a prefix and its ties with v follow it directly.
+    priority [R] bool (per-request SLA floors): those requests' candidates are admitted first,
+    ranked by key = a + 1[priority] (in [0, 2]; still non-increasing along each row). The flag
+    comes from the request's past speed, never from this round's tokens, so the argument above
+    holds for the key as for a: lossless."""
+    key = check_survival(a)
+    if priority is not None and np.any(priority):
+        key = key + np.asarray(priority, dtype=np.float64)[:, None]
+    flat = key.ravel()  # [Rγ]
     k = min(max(int(capacity), 0), flat.size)
     if k == 0 or k == flat.size:
         return np.full(a.shape[0], a.shape[1] if k else 0, dtype=np.int64)
-    v = np.partition(flat, flat.size - k)[flat.size - k]  # the k-th largest survival
+    v = np.partition(flat, flat.size - k)[flat.size - k]  # the k-th largest key
     admit = flat > v  # [Rγ]
     admit[np.flatnonzero(flat == v)[:k - int(admit.sum())]] = True
     return admit.reshape(a.shape).sum(axis=1).astype(np.int64)

@@ -236,6 +236,10 @@ class CalibrationReport:
     auroc_after: tuple[float, ...]  # [γ]
     num_rounds: int
     bins: int = 20
+    # the same metrics on rounds of held-out prompts the fit never saw (empty: no hold-out)
+    holdout_ece_before: tuple[float, ...] = ()  # [γ]
+    holdout_ece_after: tuple[float, ...] = ()  # [γ]
+    num_holdout_rounds: int = 0
 
     @property
     def calibration(self) -> Calibration:
@@ -245,14 +249,19 @@ class CalibrationReport:
         return {"format": 1, "temperatures": list(self.temperatures), "bins": self.bins,
                 "num_rounds": self.num_rounds, "ece_before": list(self.ece_before),
                 "ece_after": list(self.ece_after), "auroc_before": _json_floats(self.auroc_before),
-                "auroc_after": _json_floats(self.auroc_after)}
+                "auroc_after": _json_floats(self.auroc_after),
+                "holdout_ece_before": list(self.holdout_ece_before),
+                "holdout_ece_after": list(self.holdout_ece_after),
+                "num_holdout_rounds": self.num_holdout_rounds}
 
     @classmethod
     def from_dict(cls, d: dict) -> CalibrationReport:
         nan = lambda xs: tuple(float("nan") if x is None else float(x) for x in xs)  # noqa: E731
         return cls(tuple(map(float, d["temperatures"])), tuple(d["ece_before"]),
                    tuple(d["ece_after"]), nan(d["auroc_before"]), nan(d["auroc_after"]),
-                   int(d["num_rounds"]), int(d.get("bins", 20)))
+                   int(d["num_rounds"]), int(d.get("bins", 20)),
+                   tuple(d.get("holdout_ece_before", ())), tuple(d.get("holdout_ece_after", ())),
+                   int(d.get("num_holdout_rounds", 0)))
 
 
 def _json_floats(xs) -> list:
@@ -271,12 +280,20 @@ def position_metrics(data: CalibrationData, calibration: Calibration, bins: int 
     return tuple(eces), tuple(aucs)
 
 
-def calibrate(data: CalibrationData, config: STSConfig = STSConfig()) -> CalibrationReport:
+def calibrate(data: CalibrationData, config: STSConfig = STSConfig(),
+              holdout: CalibrationData | None = None) -> CalibrationReport:
+    """Fit STS on `data`; report ECE/AUROC before and after on it and, when given, the ECE
+    before and after on `holdout` (rounds of other prompts, never seen by the fit)."""
     fitted = fit_sts(data, config)
-    ece0, auc0 = position_metrics(data, Calibration.identity(data.gamma), config.bins)
+    identity = Calibration.identity(data.gamma)
+    ece0, auc0 = position_metrics(data, identity, config.bins)
     ece1, auc1 = position_metrics(data, fitted, config.bins)
+    held: tuple = ((), (), 0)
+    if holdout is not None and len(holdout.accepted):
+        held = (position_metrics(holdout, identity, config.bins)[0],
+                position_metrics(holdout, fitted, config.bins)[0], len(holdout.accepted))
     return CalibrationReport(fitted.temperatures, ece0, ece1, auc0, auc1,
-                             int(np.asarray(data.accepted).shape[0]), config.bins)
+                             int(np.asarray(data.accepted).shape[0]), config.bins, *held)
 
 
 # ---- storage next to the drafter, and the reliability diagram ---------------------------------
@@ -293,6 +310,19 @@ def load_calibration(drafter_dir: str | Path) -> Calibration | None:
     """The drafter's fitted temperatures, or None when it was never calibrated."""
     report = load_report(drafter_dir)
     return None if report is None else report.calibration
+
+
+def save_rounds(path: str | Path, data: CalibrationData) -> Path:
+    """Recorded rounds as .npz (z, accepted, verified), e.g. for replaying them later."""
+    path = Path(path)
+    np.savez_compressed(path, logits=np.asarray(data.logits, dtype=np.float32),
+                        accepted=np.asarray(data.accepted), verified=data.num_verified())
+    return path
+
+
+def load_rounds(path: str | Path) -> CalibrationData:
+    with np.load(path) as f:
+        return CalibrationData(f["logits"].astype(np.float64), f["accepted"], f["verified"])
 
 
 def load_report(drafter_dir: str | Path) -> CalibrationReport | None:

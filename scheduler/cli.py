@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 PROFILE_SIZES = "1,2,4,8,16,32,64,128,256"
@@ -28,6 +29,10 @@ def add_commands(sub) -> None:
     c.add_argument("--batch", type=int, default=10, help="prompts generated concurrently")
     c.add_argument("--plot", default=None, help="reliability diagram PNG "
                    "(default: reliability.png in the drafter directory)")
+    c.add_argument("--holdout-share", type=float, default=0.3, help="share of each domain's "
+                   "prompts kept out of the fit; the report gives ECE on their rounds too")
+    c.add_argument("--rounds-out", default=None, help="also save the recorded rounds (.npz: fit "
+                   "rounds, and holdout rounds in a second file *-holdout.npz)")
     c.add_argument("--json", default=None, help="also write the report here")
     c.add_argument("--model", default="", help="target checkpoint (default: the embedded model)")
     c.add_argument("--num-threads", type=int, default=0)
@@ -98,7 +103,7 @@ def _calibrate(args) -> int:
     from engine.config import EngineConfig
     from engine.core import EngineCore
     from engine.messages import SamplingParams
-    from scheduler.calibration import calibrate, plot_reliability, save_calibration
+    from scheduler.calibration import calibrate, plot_reliability, save_calibration, save_rounds
     from server.text import TextProcessor
 
     path = resolve_drafter_path(args.drafter)  # a bad name fails before the model loads
@@ -110,17 +115,44 @@ def _calibrate(args) -> int:
     drafter = load_drafter(args.drafter, *core.runner.embedding_and_lm_head())
     encoded = [text.apply_chat_template([{"role": "user", "content": p["prompt"]}]) for p in prompts]
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_new_tokens, seed=0)
-    data = collect_rounds(core, drafter, encoded, params, args.batch)
-    report = calibrate(data)
+    fit_ids, held_ids = split_holdout([p["domain"] for p in prompts], args.holdout_share)
+    data = collect_rounds(core, drafter, [encoded[i] for i in fit_ids], params, args.batch)
+    holdout = (collect_rounds(core, drafter, [encoded[i] for i in held_ids], params, args.batch)
+               if held_ids else None)
+    report = calibrate(data, holdout=holdout)
+    if args.rounds_out:
+        save_rounds(args.rounds_out, data)
+        if holdout is not None:
+            save_rounds(str(args.rounds_out).removesuffix(".npz") + "-holdout.npz", holdout)
     save_calibration(path, report)
     plot = plot_reliability(data, report, args.plot or path / "reliability.png")
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=1))
     print(f"{report.num_rounds} rounds from {len(prompts)} prompts; temperatures and metrics "
           f"in {path / 'calibration.json'}, reliability diagram {plot}")
-    print("position  T       ECE before  ECE after  AUROC before  AUROC after")
+    held = report.num_holdout_rounds
+    print(f"position  T       ECE before  ECE after  AUROC before  AUROC after"
+          + (f"  held-out ECE before  after ({held} rounds)" if held else ""))
     for k, t in enumerate(report.temperatures):
-        print(f"{k + 1:8d}  {t:6.3f}  {100 * report.ece_before[k]:9.2f}%  "
-              f"{100 * report.ece_after[k]:8.2f}%  {report.auroc_before[k]:12.3f}  "
-              f"{report.auroc_after[k]:11.3f}")
+        line = (f"{k + 1:8d}  {t:6.3f}  {100 * report.ece_before[k]:9.2f}%  "
+                f"{100 * report.ece_after[k]:8.2f}%  {report.auroc_before[k]:12.3f}  "
+                f"{report.auroc_after[k]:11.3f}")
+        if held:
+            line += (f"  {100 * report.holdout_ece_before[k]:19.2f}%  "
+                     f"{100 * report.holdout_ece_after[k]:5.2f}%")
+        print(line)
     return 0
+
+
+def split_holdout(domains: list[str], share: float) -> tuple[list[int], list[int]]:
+    """Prompt indices -> (fit, holdout): the last ⌈share·n⌉ prompts of each domain are held out
+    (none when share is 0; at least one stays in the fit)."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"--holdout-share must be in [0, 1), got {share}")
+    fit, held = [], []
+    for d in dict.fromkeys(domains):
+        idx = [i for i, x in enumerate(domains) if x == d]
+        n_held = min(len(idx) - 1, math.ceil(share * len(idx) - 1e-9))
+        fit += idx[:len(idx) - n_held]
+        held += idx[len(idx) - n_held:]
+    return fit, held

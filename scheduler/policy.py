@@ -8,7 +8,10 @@ Every round t the engine calls lengths(confidences [R, γ], γ, R). The policy
     3. takes the capacity K computed from snapshot t − lag (lag = 2, DSPARK.md §5). When that
        answer has not arrived, it takes the newest answer it has from before (a "late round");
        before any answer exists (start-up) it verifies full blocks;
-    4. admits the K current candidates of highest a (top_k_lengths): ℓ [R], Σ ℓ = min(K, Rγ).
+    4. admits the K current candidates of highest a (top_k_lengths): ℓ [R], Σ ℓ = min(K, Rγ);
+       candidates of requests below their SLA floor (priority) first.
+With a RecalibrationConfig, observe() also feeds every served round to an OnlineRecalibrator
+(scheduler/recalibrate.py), which refits the temperatures in use when acceptance drifts.
 If the process has died, that round verifies full blocks, the death is counted and the process
 is restarted; nothing is raised to the engine. Any K is lossless here because it never depends on
 this round's tokens (scheduler/allocate.py).
@@ -24,8 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from scheduler.allocate import top_k_lengths
-from scheduler.calibration import Calibration, OnlineCalibration
+from scheduler.calibration import Calibration, OnlineCalibration, logit
 from scheduler.process import DIED, Answer, SchedulerProcess
+from scheduler.recalibrate import OnlineRecalibrator, RecalibrationConfig
 from scheduler.throughput import ThroughputCurve
 
 log = logging.getLogger("dspark.scheduler")
@@ -54,12 +58,17 @@ class SchedulerStats:
     rounds: int  # lengths() calls with confidences
     calibration_error: float  # online ECE of the calibrated survival (observe())
     solve_seconds: float  # the process's time for its latest answer
+    recalibrations: int = 0  # online refits of the temperatures (scheduler/recalibrate.py)
 
 
 class PrefixSchedulerPolicy:
     def __init__(self, curve: ThroughputCurve, calibration: Calibration | None = None,
-                 config: PolicyConfig = PolicyConfig()) -> None:
+                 config: PolicyConfig = PolicyConfig(),
+                 recalibration: RecalibrationConfig | None = None) -> None:
         self.curve, self.calibration, self.config = curve, calibration, config
+        self.recalibration = recalibration
+        self._recalibrator: OnlineRecalibrator | None = None
+        self._last_logits: np.ndarray | None = None  # [R, γ] raw z of the latest round
         self.process: SchedulerProcess | None = SchedulerProcess(curve, config.max_in_flight_bytes)
         self.round = 0
         self._pending: dict[int, Answer] = {}  # answers whose round has not come yet
@@ -70,11 +79,13 @@ class PrefixSchedulerPolicy:
         self._last_restart = float("-inf")  # time.monotonic() of the latest restart
 
     # ---- the AllocationPolicy interface --------------------------------------------------------
-    def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int) -> np.ndarray:
-        """confidences: [R, γ] drafter c_k (or None) -> ℓ [R] in 0..γ."""
+    def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int,
+                priority: np.ndarray | None = None) -> np.ndarray:
+        """confidences: [R, γ] drafter c_k (or None), priority: [R] bool or None -> ℓ [R]."""
         full = np.full(num_requests, gamma, dtype=np.int64)
         if confidences is None or num_requests == 0:
             return full
+        self._last_logits = logit(np.asarray(confidences, dtype=np.float64))
         a = self.survival(confidences)  # [R, γ]
         self._last_survival = a
         t, self.round = self.round, self.round + 1
@@ -82,7 +93,7 @@ class PrefixSchedulerPolicy:
             self.capacity = a.size
             return full  # the process died: full blocks this round
         self.capacity = self._capacity_for(t, a.size)
-        return top_k_lengths(a, self.capacity)
+        return top_k_lengths(a, self.capacity, priority)
 
     def survival(self, confidences: np.ndarray) -> np.ndarray:
         """[R, γ] drafter confidences -> calibrated prefix survival [R, γ]."""
@@ -160,6 +171,21 @@ class PrefixSchedulerPolicy:
         if self._online is None or self._online.gamma != a.shape[1]:
             self._online = OnlineCalibration(a.shape[1], self.config.ece_bins)
         self._online.update(a, np.asarray(accepted), np.asarray(verified))
+        if self.recalibration is not None:
+            self._recalibrate(np.asarray(accepted), np.asarray(verified))
+
+    def _recalibrate(self, accepted: np.ndarray, verified: np.ndarray) -> None:
+        gamma = self._last_logits.shape[1]
+        if self._recalibrator is None or self._recalibrator.gamma != gamma:
+            self._recalibrator = OnlineRecalibrator(gamma, self.recalibration)
+        self._recalibrator.update(self._last_logits, accepted, verified)
+        fitted = self._recalibrator.maybe_refit(self.calibration or Calibration.identity(gamma))
+        if fitted is not None:
+            log.info("confidences drifted (window ECE %.2f%%): temperatures refitted to %s",
+                     100 * self._recalibrator.last_drift,
+                     ", ".join(f"{t:.2f}" for t in fitted.temperatures))
+            self.calibration = fitted
+            self._online = None  # the online error restarts under the new temperatures
 
     def stats(self) -> SchedulerStats:
         answer = self._current
@@ -167,7 +193,8 @@ class PrefixSchedulerPolicy:
             capacity=self.capacity, capacity_round=answer.round if answer else -1,
             late_rounds=self.late_rounds, restarts=self.restarts,
             rounds=self.round, calibration_error=self._online.error() if self._online else 0.0,
-            solve_seconds=answer.solve_seconds if answer else 0.0)
+            solve_seconds=answer.solve_seconds if answer else 0.0,
+            recalibrations=self._recalibrator.refits if self._recalibrator else 0)
 
     def close(self) -> None:
         if self.process is not None:

@@ -231,7 +231,8 @@ class OpenAIServing:
     async def _complete(self, request: Request, req, prompt: list[int], fmt: ChatFormat,
                         param: str) -> Response:
         params = self._sampling(req, len(prompt), param)
-        add = AddRequest(uuid.uuid4().hex, tuple(prompt), params, user=req.user or "")
+        add = AddRequest(uuid.uuid4().hex, tuple(prompt), params, user=req.user or "",
+                         sla_tps=req.sla_tps)
         gen = await self._start(add, req.stop_strings())
         if req.stream:
             return ClosingStreamingResponse(self._stream(gen, fmt), gen.close, media_type="text/event-stream",

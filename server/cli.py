@@ -34,8 +34,14 @@ def _serve_args(sub) -> None:
     p.add_argument("--allocation", choices=("auto", "scheduler", "fixed"), default="auto",
                    help="verification lengths: the prefix scheduler process (auto: for drafters "
                    "with confidences) or a fixed length (--block-size)")
-    p.add_argument("--sla-tps", type=float, default=0.0, help="per-user decode tokens/s SLA that "
-                   "/metrics counts requests against (0: none)")
+    p.add_argument("--sla-tps", type=float, default=0.0, help="per-user decode tokens/s SLA: "
+                   "/metrics counts requests against it, and the scheduler admits requests below "
+                   "it first (a request's own sla_tps field overrides it; 0: none)")
+    p.add_argument("--draft-skip-after", type=int, default=EngineConfig().draft_skip_after,
+                   help="stop drafting for a request after this many rounds in a row in which "
+                   "the scheduler verified none of its block (0: never)")
+    p.add_argument("--no-recalibrate", action="store_true", help="keep the drafter's fitted "
+                   "temperatures even when served acceptance drifts from them")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -82,6 +88,16 @@ def _bench_args(sub) -> None:
     a.add_argument("--levels", default="1,2,4,8,16,32", help="closed-loop concurrency levels")
     a.add_argument("--json", default=None, help="write the results here")
     a.add_argument("--plot", default=None, help="PNG of the speed/throughput frontier")
+    c = which.add_parser("scheduler", help="SLA floors, draft skipping and online recalibration "
+                         "against the plain scheduler", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("--model", default="")
+    c.add_argument("--dtype", default="auto", choices=DTYPES)
+    c.add_argument("--drafter", default="dspark", help="drafter with confidences: name or directory")
+    c.add_argument("--concurrency", type=int, default=16)
+    c.add_argument("--max-tokens", type=int, default=48)
+    c.add_argument("--replay-per-domain", type=int, default=8,
+                   help="held-out prompts per domain recorded for the recalibration replay")
+    c.add_argument("--json", default=None, help="write the results here")
 
 
 def _levels(text: str) -> tuple[int, ...]:
@@ -126,7 +142,10 @@ def engine_config(args) -> EngineConfig:
         max_waiting=args.max_waiting, kv_cache_tokens=args.kv_cache_tokens,
         kv_block_size=args.kv_block_size, num_threads=args.num_threads,
         spec_method=spec_method(args), drafter=getattr(args, "drafter", ""),
-        block_size=getattr(args, "block_size", 0), allocation=getattr(args, "allocation", "auto"))
+        block_size=getattr(args, "block_size", 0), allocation=getattr(args, "allocation", "auto"),
+        sla_tps=getattr(args, "sla_tps", 0.0) if getattr(args, "command", "") == "serve" else 0.0,
+        draft_skip_after=getattr(args, "draft_skip_after", 2),
+        recalibrate=not getattr(args, "no_recalibrate", False))
 
 
 DEFAULT_METHOD = "dspark"  # the shipped drafter of the embedded model (drafters/weights)
@@ -206,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
 
             sla_main(SlaBenchConfig(model=args.model, dtype=args.dtype, max_tokens=args.max_tokens,
                                     levels=_levels(args.levels)), args.json, args.plot)
+        elif args.command == "bench" and args.bench == "scheduler":
+            from engine.bench_scheduler import SchedulerBenchConfig, main as scheduler_main
+
+            scheduler_main(SchedulerBenchConfig(
+                model=args.model, dtype=args.dtype, drafter=args.drafter,
+                concurrency=args.concurrency, max_tokens=args.max_tokens,
+                replay_per_domain=args.replay_per_domain), args.json)
         elif args.command == "bench" and args.bench == "spec":
             from engine.bench_spec import SpecBenchConfig, main as spec_main
 

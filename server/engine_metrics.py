@@ -74,6 +74,14 @@ class EngineStatsCollector(Collector):
                                   "because the scheduler's answer was late", value=s.late_rounds)
         yield CounterMetricFamily("dspark_scheduler_restarts", "Scheduler process restarts",
                                   value=s.scheduler_restarts)
+        yield CounterMetricFamily("dspark_scheduler_recalibrations", "Online refits of the "
+                                  "confidence temperatures after drift", value=s.recalibrations)
+        yield CounterMetricFamily("dspark_spec_decode_draft_skips", "Request-rounds not drafted "
+                                  "because their recent blocks went unverified",
+                                  value=s.num_draft_skips)
+        yield CounterMetricFamily("dspark_sla_priority_rounds", "Request-rounds admitted to "
+                                  "verification first because below their SLA floor",
+                                  value=s.num_sla_priority)
 
 
 def verify_length_histogram(counts: tuple[int, ...]) -> HistogramMetricFamily:

@@ -67,6 +67,8 @@ class _SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     stop_token_ids: list[int] | None = None  # extension: the engine stops on these ids
     ignore_eos: bool | None = False  # extension: keep going past EOS
+    sla_tps: float | None = Field(default=None, ge=0.0)  # extension: this request's decode
+    #                         tokens/s floor (0: none; omitted: the server's --sla-tps)
 
     @field_validator("n")
     @classmethod

@@ -3,6 +3,7 @@ target-only greedy output token for token, for every drafter, under chunked pref
 and aborts; KV blocks and drafter contexts are freed; counters have vLLM's meanings."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,3 +154,65 @@ def test_scheduler_allocation_from_config_survives_a_killed_scheduler(tiny_llama
         assert core.spec.policy.process.alive  # it came back
     finally:
         core.close()
+
+
+class RecordingPolicy:
+    """Verifies `n` drafts of every request and records what the engine passed in."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, []  # calls: (num_requests, priority or None) per round
+
+    def lengths(self, confidences, gamma, num_requests, priority=None):
+        self.calls.append((num_requests, None if priority is None else priority.copy()))
+        return np.full(num_requests, min(self.n, gamma), dtype=np.int64)
+
+
+def test_draft_skipping_after_unverified_blocks(tiny_llama_dir, prompts, reference):
+    """A policy that never verifies a draft: after skip_after = 2 such rounds a request is
+    drafted only every SKIP_PROBE-th round; the skipped rounds count as ℓ = 0."""
+    core = make_core(tiny_llama_dir)  # draft_skip_after = 2 by default
+    policy = RecordingPolicy(0)
+    core.enable_speculation(drafter_for(core, "dspark", "markov"), policy)
+    assert core.generate(prompts[:8], GREEDY) == reference[:8]
+    spec = core.stats().spec
+    drafted = sum(n for n, _ in policy.calls)
+    assert spec.num_draft_skips > drafted  # 3 of every 4 rounds are skipped once idle
+    assert spec.verify_length_counts[0] == drafted + spec.num_draft_skips
+    assert spec.num_drafts == 0 and not core.spec.drafter.caches
+    off = make_core(tiny_llama_dir, draft_skip_after=0)
+    off.enable_speculation(drafter_for(off, "dspark", "markov"), RecordingPolicy(0))
+    assert off.generate(prompts[:8], GREEDY) == reference[:8]
+    assert off.stats().spec.num_draft_skips == 0
+
+
+def test_requests_below_their_sla_floor_get_priority(tiny_llama_dir, prompts, reference):
+    core = make_core(tiny_llama_dir, sla_tps=1e9)  # nobody keeps up: all flagged once measured
+    policy = RecordingPolicy(2)
+    core.enable_speculation(drafter_for(core, "dspark", "markov"), policy)
+    ids = [f"s{i}" for i in range(6)]
+    for i, rid in enumerate(ids):  # one request opts out with its own floor of 0
+        floor = 0.0 if i == 0 else None
+        assert core.add(AddRequest(rid, tuple(prompts[i]), GREEDY, sla_tps=floor)).error is None
+    out = {rid: [] for rid in ids}
+    while core.has_work:
+        for o in core.step():
+            out[o.request_id].extend(o.new_token_ids)
+    assert [out[r] for r in ids] == reference[:6]
+    flags = [p for _, p in policy.calls if p is not None]
+    assert flags and not flags[0].any()  # no speed is known before two emitting steps
+    assert max(int(p.sum()) for p in flags) == 5  # everyone but the opted-out request
+    assert core.stats().spec.num_sla_priority == sum(int(p.sum()) for p in flags)
+
+
+def test_recent_decode_speed_by_hand():
+    from engine.request import RECENT_STEPS, Request
+
+    r = Request("x", [1, 2], GREEDY, sla_tps=3.0)
+    assert r.recent_tps() is None and not r.below_floor()
+    r.note_emitted(1, 10.0)  # the first token: its wait is not decode time
+    r.note_emitted(3, 11.0)
+    r.note_emitted(1, 12.0)
+    assert r.recent_tps() == pytest.approx(2.0) and r.below_floor()  # 4 tokens in 2 s
+    for t in range(RECENT_STEPS):  # the window slides: 4 tokens every second from now on
+        r.note_emitted(4, 13.0 + t)
+    assert r.recent_tps() == pytest.approx(4.0) and not r.below_floor()

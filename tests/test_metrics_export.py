@@ -28,6 +28,8 @@ def test_spec_decode_and_scheduler_series_exist_as_zeros_before_any_draft():
                  "dspark_spec_decode_verify_length_count", "dspark_scheduler_capacity",
                  "dspark_calibration_error", "dspark_scheduler_late_rounds_total",
                  "dspark_scheduler_restarts_total", "dspark_num_preemptions_total",
+                 "dspark_scheduler_recalibrations_total", "dspark_spec_decode_draft_skips_total",
+                 "dspark_sla_priority_rounds_total",
                  'dspark_sla_requests_total{outcome="met"}', 'dspark_sla_requests_total{outcome="missed"}',
                  "dspark_sla_user_decode_tokens_per_second", 'dspark_request_errors_total{status="503"}',
                  'dspark_requests_total{finish_reason="stop"}'):
@@ -38,7 +40,8 @@ def test_spec_decode_counters_are_the_engines_totals():
     metrics = ServerMetrics()
     spec = SpecDecodeStats(num_drafts=10, num_draft_tokens=31, num_accepted_tokens=17,
                            accepted_per_pos=(8, 5, 3, 1), verify_length_counts=(1, 2, 0, 3, 4),
-                           capacity=24, calibration_error=0.07, late_rounds=2, scheduler_restarts=1)
+                           capacity=24, calibration_error=0.07, late_rounds=2, scheduler_restarts=1,
+                           recalibrations=4, num_draft_skips=6, num_sla_priority=9)
     stats = EngineStats(2, 1, 10, 4, num_preemptions=3, spec=spec)
     metrics.on_engine_step(StepOutputs((), stats))
     metrics.on_engine_step(stats)  # a repeated report must not count twice
@@ -50,6 +53,9 @@ def test_spec_decode_counters_are_the_engines_totals():
     assert per_pos == [8, 5, 3, 1] and sum(per_pos) == 17
     assert (page["dspark_scheduler_capacity"], page["dspark_calibration_error"]) == (24, pytest.approx(0.07))
     assert (page["dspark_scheduler_late_rounds_total"], page["dspark_scheduler_restarts_total"]) == (2, 1)
+    assert page["dspark_scheduler_recalibrations_total"] == 4
+    assert page["dspark_spec_decode_draft_skips_total"] == 6
+    assert page["dspark_sla_priority_rounds_total"] == 9
     assert page["dspark_num_preemptions_total"] == 3
     assert page["dspark_kv_cache_usage_ratio"] == pytest.approx(0.6)
 

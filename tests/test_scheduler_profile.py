@@ -18,7 +18,7 @@ from engine.core import EngineCore
 from engine.messages import SamplingParams
 from engine.profile import ProfileConfig, load_or_profile, profile
 from scheduler import cli as scheduler_cli
-from scheduler.calibration import load_report, logit
+from scheduler.calibration import load_report, load_rounds, logit
 from tests.test_speculate import drafter_for
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -155,8 +155,22 @@ def test_calibrate_command(core, tiny_llama_dir, tmp_path):
     prompts.write_text("\n".join(json.dumps({"domain": "chat", "prompt": t})
                                  for t in ("Hello world", "The cat sat", "stop here please")))
     args = parse(["calibrate", "--drafter", str(drafter_dir), "--prompts", str(prompts),
-                  "--model", str(tiny_llama_dir), "--max-new-tokens", "16", "--batch", "2"])
+                  "--model", str(tiny_llama_dir), "--max-new-tokens", "16", "--batch", "2",
+                  "--rounds-out", str(tmp_path / "rounds.npz")])
     assert scheduler_cli.run(args) == 0
     report = load_report(drafter_dir)
     assert len(report.temperatures) == 5 and report.num_rounds >= 3
     assert (drafter_dir / "reliability.png").stat().st_size > 10_000
+    # the last prompt (30% of 3, rounded up) is held out: its rounds are scored, not fitted
+    fit, held = load_rounds(tmp_path / "rounds.npz"), load_rounds(tmp_path / "rounds-holdout.npz")
+    assert report.num_rounds == len(fit.accepted) and report.num_holdout_rounds == len(held.accepted)
+    assert len(report.holdout_ece_after) == 5 and held.logits.shape[1] == 5
+
+
+def test_split_holdout():
+    domains = ["math"] * 10 + ["code"] * 3 + ["chat"]
+    fit, held = scheduler_cli.split_holdout(domains, 0.3)
+    assert held == [7, 8, 9, 12] and sorted(fit + held) == list(range(14))
+    assert scheduler_cli.split_holdout(domains, 0.0) == (list(range(14)), [])
+    with pytest.raises(ValueError):
+        scheduler_cli.split_holdout(domains, 1.0)

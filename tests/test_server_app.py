@@ -192,7 +192,7 @@ async def test_sampling_fields_reach_the_engine(text):
     engine, app = make(text)
     req = {**CHAT, "temperature": 0, "top_p": 0.5, "top_k": -1, "seed": 7, "user": "ann",
            "stop_token_ids": [3], "ignore_eos": True, "max_completion_tokens": 5, "max_tokens": 9,
-           "presence_penalty": 0, "some_future_field": {"x": 1}}
+           "presence_penalty": 0, "some_future_field": {"x": 1}, "sla_tps": 12.5}
     async with http(app) as client:
         assert (await client.post("/v1/chat/completions", json=req)).status_code == 200
         assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
@@ -200,6 +200,7 @@ async def test_sampling_fields_reach_the_engine(text):
     p = first.params
     assert (p.greedy, p.top_p, p.top_k, p.seed, p.max_tokens) == (True, 0.5, 0, 7, 5)
     assert (p.stop_token_ids, p.ignore_eos, first.user) == ((3,), True, "ann")
+    assert (first.sla_tps, default.sla_tps) == (12.5, None)  # None: the server's floor
     assert default.params.temperature == 1.0 and default.params.top_p == 1.0
     assert default.params.max_tokens == 64 - len(default.prompt_token_ids)  # rest of the context
     assert len(first.request_id) == 32 and first.request_id != default.request_id
@@ -298,6 +299,7 @@ async def test_unsupported_completion_parameter_is_400(text, field, value):
 @pytest.mark.parametrize("field, value", [
     ("temperature", 2.5), ("temperature", -0.1), ("top_p", 0), ("top_k", -2), ("max_tokens", 0),
     ("stop", ""), ("stop", 5), ("messages", []), ("stop_token_ids", [999999]), ("n", 0),
+    ("sla_tps", -1),
 ])
 async def test_invalid_values_are_400_naming_the_field(text, field, value):
     _, app = make(text)

@@ -1,0 +1,180 @@
+"""`dspark bench scheduler`: the three beyond-the-paper features against the plain algorithm.
+
+Engine runs (dspark + prefix scheduler, closed loop at one concurrency c, the same held-out
+prompts, greedy), each variant differing from `plain` in one setting:
+    plain        Algorithm 1's production variant alone (no floors, no skipping, no refits)
+    skip         (b) draft skipping after 2 unverified blocks (EngineConfig.draft_skip_after)
+    floors       (a) every request has the SLA floor F = the median per-user tok/s `plain`
+                 reached; requests below it are admitted first
+    plain-again  `plain` once more, last: the run-to-run noise of this machine
+Reported per variant: per-user tok/s (p10, median), the share of requests at or above F,
+aggregate tok/s, mean verification length, draft skips.
+(c) online recalibration, by replay (scheduler/replay.py): full-block rounds recorded at
+temperature 0 on held-out prompts are served through the production allocation with
+    shipped      the drafter's calibration.json (fitted on temperature-1 rounds: drifted)
+    shipped+online  the same, refitted online when it drifts (RecalibrationConfig)
+    identity / identity+online   raw confidences, without / with online refits
+    oracle       STS fitted on the first half of the recorded rounds (all variants replay the
+                 second half; the oracle knows the traffic in advance)
+and reported as Θ (tokens/s from the measured SPS curve) and the ECE over the replay's end.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.bench_spec import closed_loop
+from engine.config import EngineConfig
+from engine.core import EngineCore, throughput_curve
+
+VARIANTS = ("plain", "skip", "floors", "plain-again")
+
+
+@dataclass(frozen=True)
+class SchedulerBenchConfig:
+    model: str = ""
+    dtype: str = "auto"
+    concurrency: int = 16
+    max_tokens: int = 48
+    drafter: str = "dspark"  # shipped name or directory of a drafter with confidences
+    replay_per_domain: int = 8  # held-out prompts per domain recorded for the replay
+    replay_max_tokens: int = 96
+
+
+def _core(cfg: SchedulerBenchConfig, variant: str, floor: float = 0.0) -> EngineCore:
+    return EngineCore.from_config(EngineConfig(
+        model=cfg.model, dtype=cfg.dtype, spec_method="dspark", drafter=cfg.drafter,
+        allocation="scheduler", max_num_seqs=cfg.concurrency, kv_cache_tokens=32768,
+        max_num_batched_tokens=max(512, cfg.concurrency * 8), recalibrate=False,
+        draft_skip_after=2 if variant == "skip" else 0,
+        sla_tps=floor if variant == "floors" else 0.0))
+
+
+def run_variant(cfg: SchedulerBenchConfig, variant: str, prompts: list[list[int]],
+                floor: float) -> dict:
+    core = _core(cfg, variant, floor)
+    try:
+        closed_loop(core, prompts[:2], 2, 4)  # warm-up
+        before = core.stats().spec
+        speeds: list[float] = []
+        stats, _ = closed_loop(core, prompts, cfg.concurrency, cfg.max_tokens, speeds)
+        after = core.stats().spec
+    finally:
+        core.close()
+    rounds = sum(after.verify_length_counts) - sum(before.verify_length_counts)
+    tokens = after.num_draft_tokens - before.num_draft_tokens
+    return {**stats, "p10_user_tps": round(float(np.quantile(speeds, 0.1)), 2),
+            "speeds": [round(s, 2) for s in speeds],
+            "mean_verify_len": round(tokens / rounds, 3) if rounds else 0.0,
+            "draft_skips": after.num_draft_skips - before.num_draft_skips,
+            "sla_priority_rounds": after.num_sla_priority - before.num_sla_priority}
+
+
+def engine_variants(cfg: SchedulerBenchConfig, prompts: list[list[int]]) -> dict:
+    rows: dict = {}
+    for variant in VARIANTS:
+        floor = rows["plain"]["per_user_tps"] if "plain" in rows else 0.0
+        rows[variant] = run_variant(cfg, variant, prompts, floor)
+    floor = rows["plain"]["per_user_tps"]
+    for row in rows.values():
+        row["share_at_floor"] = round(sum(s >= floor for s in row["speeds"]) / len(row["speeds"]), 3)
+    return {"floor_tps": floor, "variants": rows}
+
+
+def recalibration_replay(cfg: SchedulerBenchConfig) -> dict:
+    """Record temperature-0 full-block rounds, then replay them (module docstring)."""
+    from drafters.registry import load_drafter, resolve_drafter_path
+    from engine.calibration_data import calibration_prompts, collect_rounds
+    from engine.messages import SamplingParams
+    from scheduler.calibration import Calibration, CalibrationData, fit_sts, load_calibration
+    from scheduler.recalibrate import RecalibrationConfig
+    from scheduler.replay import replay
+    from server.text import TextProcessor
+
+    core = EngineCore.from_config(EngineConfig(model=cfg.model, dtype=cfg.dtype, max_num_seqs=64,
+                                               max_num_batched_tokens=1024))
+    drafter = load_drafter(cfg.drafter, *core.runner.embedding_and_lm_head())
+    curve = throughput_curve(core, drafter)
+    text = TextProcessor.from_dir(core.tokenizer_dir)
+    prompts = [text.apply_chat_template([{"role": "user", "content": p["prompt"]}])
+               for p in calibration_prompts(cfg.replay_per_domain, seed=4243)]
+    data = collect_rounds(core, drafter, prompts, SamplingParams(
+        temperature=0.0, max_tokens=cfg.replay_max_tokens), progress=False)
+    half = len(data.accepted) // 2
+    first = CalibrationData(data.logits[:half], data.accepted[:half])
+    second = CalibrationData(data.logits[half:], data.accepted[half:])
+    shipped = load_calibration(resolve_drafter_path(cfg.drafter)) or Calibration.identity(drafter.gamma)
+    online = RecalibrationConfig(every=256, min_rounds=1024)
+    runs = {"shipped": (shipped, None), "shipped+online": (shipped, online),
+            "identity": (Calibration.identity(drafter.gamma), None),
+            "identity+online": (Calibration.identity(drafter.gamma), online),
+            "oracle": (fit_sts(first), None)}
+    return {"rounds_recorded": len(data.accepted), "rounds_replayed": len(second.accepted),
+            "variants": {name: replay(second, curve, calib, cfg.concurrency, recal).to_dict()
+                         for name, (calib, recal) in runs.items()}}
+
+
+def bench_scheduler(cfg: SchedulerBenchConfig) -> dict:
+    from engine.bench_sla import bench_prompts_for
+    from server.text import TextProcessor
+
+    probe = EngineCore.from_config(EngineConfig(model=cfg.model, dtype=cfg.dtype))
+    text = TextProcessor.from_dir(probe.tokenizer_dir)
+    pool = bench_prompts_for(text, 2 * cfg.concurrency, probe.max_model_len, cfg.max_tokens)
+    prompts = [pool[i % len(pool)] for i in range(2 * cfg.concurrency)]
+    result = {"model": probe.model_cfg.name, "concurrency": cfg.concurrency,
+              "max_tokens": cfg.max_tokens, "engine": engine_variants(cfg, prompts),
+              "recalibration": recalibration_replay(cfg)}
+    _ratios(result)
+    return result
+
+
+def _ratios(result: dict) -> None:
+    v = result["engine"]["variants"]
+    result["skip_aggregate_ratio"] = round(v["skip"]["aggregate_tps"] / v["plain"]["aggregate_tps"], 3)
+    result["floors_p10_ratio"] = round(v["floors"]["p10_user_tps"] / v["plain"]["p10_user_tps"], 3)
+    result["floors_share_gain"] = round(v["floors"]["share_at_floor"] - v["plain"]["share_at_floor"], 3)
+    result["noise_aggregate_ratio"] = round(
+        v["plain-again"]["aggregate_tps"] / v["plain"]["aggregate_tps"], 3)
+    r = result["recalibration"]["variants"]
+    result["online_vs_shipped_theta"] = round(
+        r["shipped+online"]["tokens_per_second"] / r["shipped"]["tokens_per_second"], 3)
+    result["online_vs_identity_theta"] = round(
+        r["identity+online"]["tokens_per_second"] / r["identity"]["tokens_per_second"], 3)
+
+
+def print_table(result: dict) -> None:
+    e = result["engine"]
+    print(f"model {result['model']}  concurrency {result['concurrency']}  "
+          f"max_tokens {result['max_tokens']}  floor {e['floor_tps']} tok/s")
+    print(f"{'variant':>12} {'p10 user':>9} {'med user':>9} {'at floor':>9} {'aggregate':>10} "
+          f"{'verify len':>10} {'skips':>6}")
+    for name, row in e["variants"].items():
+        print(f"{name:>12} {row['p10_user_tps']:>9.2f} {row['per_user_tps']:>9.2f} "
+              f"{row['share_at_floor']:>9.2f} {row['aggregate_tps']:>10.1f} "
+              f"{row['mean_verify_len']:>10.2f} {row['draft_skips']:>6d}")
+    r = result["recalibration"]
+    print(f"recalibration replay: {r['rounds_replayed']} temperature-0 rounds at concurrency "
+          f"{result['concurrency']}")
+    print(f"{'calibration':>16} {'theta tok/s':>12} {'tok/round':>10} {'verify len':>10} "
+          f"{'late ECE':>9} {'refits':>7}")
+    for name, row in r["variants"].items():
+        print(f"{name:>16} {row['tokens_per_second']:>12.2f} {row['tokens_per_round']:>10.3f} "
+              f"{row['mean_verify_len']:>10.2f} {100 * row['ece_late']:>8.2f}% {row['refits']:>7d}")
+    for key in ("skip_aggregate_ratio", "floors_p10_ratio", "floors_share_gain",
+                "noise_aggregate_ratio", "online_vs_shipped_theta", "online_vs_identity_theta"):
+        print(f"{key}: {result[key]}")
+
+
+def main(cfg: SchedulerBenchConfig, json_path: str | None) -> dict:
+    if cfg.concurrency < 1 or cfg.max_tokens < 2:
+        raise ValueError("--concurrency must be >= 1 and --max-tokens >= 2")
+    result = bench_scheduler(cfg)
+    print_table(result)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+

@@ -1,0 +1,99 @@
+"""Online recalibration: refit the STS temperatures when served acceptance drifts from them.
+
+The temperatures `dspark calibrate` fits hold for the traffic they were fitted on; served
+traffic drifts (another sampling temperature, another domain mix, a retrained drafter). The
+engine already observes every round's outcome, so the policy keeps a sliding window of the
+latest W served rounds
+    z [W, γ]   raw confidence logits of the block,   acc [W], ver [W]   (as in calibration.py)
+and every `every` rounds measures how far the window's ECE under the temperatures in use exceeds
+what sampling noise alone would give a perfectly calibrated predictor of the same a:
+    noise_k = Σ_b sqrt(2/π · Σ_{n in b} a_n (1 − a_n)) / N_k     (E|Σ_b (a − y)| for y ~ Bernoulli(a))
+    drift   = mean_k max(0, ECE_k(a(T), y) − noise_k)   over positions with ≥ min_per_position labels
+(a window of a few thousand rounds has a noise ECE of 1–2% by itself, so the raw ECE would
+trigger refits of a well calibrated drafter). When drift > threshold the temperatures are refitted by STS on the window (fit_sts, the same
+grid and counting rule as offline) and kept only if they lower the window's mean ECE.
+Rounds that verified ℓ < γ drafts count at positions ≤ ℓ only (prefix_labels), so the scheduler
+choosing ℓ from the confidences does not bias the refit. NumPy only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from scheduler.calibration import Calibration, CalibrationData, STSConfig, ece, fit_sts
+
+
+@dataclass(frozen=True)
+class RecalibrationConfig:
+    window: int = 4096  # served rounds (request × round) kept for the drift check and the refit
+    every: int = 512  # rows observed between drift checks
+    threshold: float = 0.01  # mean per-position ECE above the noise level that triggers a refit
+    min_rounds: int = 1024  # rows in the window before the first check
+    min_per_position: int = 100  # labels a position needs to count in the drift measure
+    grid_size: int = 81  # STS grid, ~7% apart (coarser than offline: it runs on the engine's path)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_rounds <= self.window or self.every < 1 or self.threshold < 0:
+            raise ValueError("recalibration needs 0 < min_rounds <= window, every >= 1, "
+                             "threshold >= 0")
+
+
+def noise_ece(a: np.ndarray, bins: int = 20) -> float:
+    """a: [N] calibrated predictions -> the ECE sampling noise alone would give them (above)."""
+    if a.size == 0:
+        return 0.0
+    idx = np.minimum((a * bins).astype(np.int64), bins - 1)
+    var = np.bincount(idx, weights=a * (1.0 - a), minlength=bins)  # [bins] Σ a(1 − a)
+    return float(np.sqrt(2.0 / np.pi * var).sum() / a.size)
+
+
+class OnlineRecalibrator:
+    def __init__(self, gamma: int, config: RecalibrationConfig = RecalibrationConfig()) -> None:
+        self.gamma, self.config = gamma, config
+        self.z = np.zeros((config.window, gamma))  # [W, γ] ring buffer
+        self.acc = np.zeros(config.window, dtype=np.int64)  # [W]
+        self.ver = np.zeros(config.window, dtype=np.int64)  # [W]
+        self.size = self.next = 0  # rows held, ring position of the next row
+        self.since_check = 0
+        self.refits = 0
+        self.last_drift = 0.0  # window ECE under the temperatures in use at the latest check
+
+    def update(self, z: np.ndarray, accepted: np.ndarray, verified: np.ndarray) -> None:
+        """z: [R, γ] raw logits of the rounds just served; accepted, verified: [R]."""
+        w = self.config.window
+        for start in range(0, len(accepted), w):  # a batch larger than the window keeps its tail
+            zs, acc, ver = z[start:start + w], accepted[start:start + w], verified[start:start + w]
+            idx = (self.next + np.arange(len(acc))) % w
+            self.z[idx], self.acc[idx], self.ver[idx] = zs, acc, ver
+            self.next = int((self.next + len(acc)) % w)
+            self.size = min(w, self.size + len(acc))
+        self.since_check += len(accepted)
+
+    def window_data(self) -> CalibrationData:
+        return CalibrationData(self.z[:self.size], self.acc[:self.size], self.ver[:self.size])
+
+    def drift(self, calibration: Calibration, data: CalibrationData | None = None) -> float:
+        """Mean excess of ECE over its noise level, over the well-observed positions."""
+        data = data or self.window_data()
+        a = calibration.survival_from_logits(np.asarray(data.logits, dtype=np.float64))  # [N, γ]
+        y, known = data.labels()
+        excess = [max(0.0, ece(a[known[:, k], k], y[known[:, k], k]) - noise_ece(a[known[:, k], k]))
+                  for k in range(data.gamma) if known[:, k].sum() >= self.config.min_per_position]
+        return float(np.mean(excess)) if excess else 0.0
+
+    def maybe_refit(self, calibration: Calibration) -> Calibration | None:
+        """A better calibration when it is time to check and the window has drifted, else None."""
+        cfg = self.config
+        if self.since_check < cfg.every or self.size < cfg.min_rounds:
+            return None
+        self.since_check = 0
+        data = self.window_data()
+        self.last_drift = self.drift(calibration, data)
+        if self.last_drift <= cfg.threshold:
+            return None
+        fitted = fit_sts(data, STSConfig(grid_size=cfg.grid_size))
+        if self.drift(fitted, data) >= self.last_drift:
+            return None
+        self.refits += 1
+        return fitted

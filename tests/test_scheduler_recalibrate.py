@@ -1,0 +1,86 @@
+"""Online recalibration (scheduler/recalibrate.py) and its place in the policy: a drifted
+drafter is refitted from served rounds, a calibrated one is left alone, censored rounds
+(ℓ < γ verified) do not bias the refit."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scheduler.calibration import Calibration, CalibrationData, sigmoid
+from scheduler.policy import PrefixSchedulerPolicy
+from scheduler.recalibrate import OnlineRecalibrator, RecalibrationConfig
+from tests.test_scheduler_calibration import synthetic_rounds
+from tests.test_scheduler_policy import CURVE
+
+SCALES = (2.5, 0.5, 1.8, 3.0)  # the drifted drafter reports z = scale · true logit
+CONFIG = RecalibrationConfig(window=4096, every=512, min_rounds=2048)
+
+
+def feed(recal: OnlineRecalibrator, data: CalibrationData, calibration: Calibration,
+         batch: int = 64) -> list[Calibration]:
+    """Serve the rounds `batch` at a time; -> every refit returned along the way."""
+    fits = []
+    for s in range(0, len(data.accepted), batch):
+        recal.update(data.logits[s:s + batch], data.accepted[s:s + batch],
+                     data.num_verified()[s:s + batch])
+        new = recal.maybe_refit(calibration)
+        if new is not None:
+            fits.append(new)
+            calibration = new
+    return fits
+
+
+def test_drift_is_refitted_to_the_true_temperatures():
+    data, _ = synthetic_rounds(SCALES, n=12000, seed=3)
+    recal = OnlineRecalibrator(len(SCALES), CONFIG)
+    fits = feed(recal, data, Calibration.identity(len(SCALES)))
+    assert len(fits) >= 1 and recal.refits == len(fits)
+    # a 4096-round window pins the early positions; later ones see fewer labels
+    np.testing.assert_allclose(fits[-1].temperatures[:2], SCALES[:2], rtol=0.2)
+    fresh, _ = synthetic_rounds(SCALES, n=20000, seed=4)  # rounds the refit never saw
+    checker = OnlineRecalibrator(len(SCALES), RecalibrationConfig(window=20000, min_rounds=1))
+    checker.update(fresh.logits, fresh.accepted, fresh.num_verified())
+    assert checker.drift(Calibration.identity(len(SCALES))) > 0.05
+    assert checker.drift(fits[-1]) < 0.015
+
+
+def test_calibrated_traffic_is_left_alone():
+    data, _ = synthetic_rounds(SCALES, n=12000, seed=5)
+    recal = OnlineRecalibrator(len(SCALES), CONFIG)
+    assert feed(recal, data, Calibration(SCALES)) == []
+    assert 0 < recal.last_drift < CONFIG.threshold
+
+
+def test_censored_rounds_do_not_bias_the_refit():
+    """Verify only up to the positions whose true survival beats a bar, as a scheduler would:
+    the refit on the censored rounds still finds the true temperatures."""
+    data, truth = synthetic_rounds(SCALES, n=16000, seed=6)
+    verified = (truth >= 0.3).sum(axis=1)  # [N] prefix-respecting lengths from confidences only
+    censored = CalibrationData(data.logits, np.minimum(data.accepted, verified), verified)
+    recal = OnlineRecalibrator(len(SCALES), RecalibrationConfig(window=16000, every=16000,
+                                                                min_rounds=16000))
+    (fit,) = feed(recal, censored, Calibration.identity(len(SCALES)), batch=16000)
+    np.testing.assert_allclose(fit.temperatures[:2], SCALES[:2], rtol=0.2)
+
+
+def test_policy_refits_from_what_it_served():
+    data, _ = synthetic_rounds(SCALES, n=6000, seed=7)
+    c = sigmoid(data.logits)  # [N, γ] what the drifted drafter reports
+    cfg = RecalibrationConfig(window=4096, every=256, min_rounds=1024)
+    with PrefixSchedulerPolicy(CURVE, recalibration=cfg) as policy:
+        for s in range(0, 6000, 6):
+            lengths = policy.lengths(c[s:s + 6], len(SCALES), 6)
+            policy.observe(lengths, np.minimum(data.accepted[s:s + 6], lengths))
+        stats = policy.stats()
+        assert stats.recalibrations >= 1 and policy.calibration is not None
+        np.testing.assert_allclose(policy.calibration.temperatures[0], SCALES[0], rtol=0.25)
+    with PrefixSchedulerPolicy(CURVE) as plain:  # off by default: nothing is refitted
+        for s in range(0, 3000, 6):
+            lengths = plain.lengths(c[s:s + 6], len(SCALES), 6)
+            plain.observe(lengths, np.minimum(data.accepted[s:s + 6], lengths))
+        assert plain.stats().recalibrations == 0 and plain.calibration is None
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError):
+        RecalibrationConfig(window=100, min_rounds=200)
