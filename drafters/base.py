@@ -55,7 +55,17 @@ class Drafter(ABC):
         self.config = config
         self.model = model
         self.caches: dict[str, ContextCache] = {}
+        self.device = torch.device("cpu")
         self.generator = torch.Generator().manual_seed(0)
+
+    def to(self, device: torch.device | str) -> Drafter:
+        """Move the model and the draft sampler to `device` (the engine's: the drafter runs
+        beside the target). Context caches are built there from now on; call it before any."""
+        self.device = torch.device(device)
+        if self.model is not None:
+            self.model.to(self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(0)
+        return self
 
     @property
     def gamma(self) -> int:
@@ -74,7 +84,7 @@ class Drafter(ABC):
     def extend(self, rid: str, tokens: torch.Tensor, features: torch.Tensor) -> None:
         """tokens: [m] committed token ids at positions n..n+m-1, features: [m, n_layers, d]."""
         if tokens.shape[0]:
-            self._extend(self.caches[rid], tokens, features)
+            self._extend(self.caches[rid], tokens.to(self.device), features.to(self.device))
 
     def rollback(self, rid: str, num_tokens: int) -> None:
         cache = self.caches[rid]
@@ -88,7 +98,9 @@ class Drafter(ABC):
         """anchors: [R] token ids at positions context_length(rid); temperatures: [R]
         (0 = greedy). forced: [R, gamma] tokens to feed back instead of the sampled drafts
         (tests compare the cached path with training's teacher forcing)."""
-        return self._propose([self.caches[r] for r in rids], anchors, temperatures, forced)
+        dev = self.device
+        return self._propose([self.caches[r] for r in rids], anchors.to(dev), temperatures.to(dev),
+                             None if forced is None else forced.to(dev))
 
     def sample(self, logits: torch.Tensor, temperatures: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """logits: [R, Vd] -> (draft-vocab index [R], p_d [R, Vd]).

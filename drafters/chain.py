@@ -109,11 +109,12 @@ class ChainDrafter(Drafter):
         ctx = model.fusion(features)  # [m, d]
         first = cache.ctx[-1] if n else ctx.new_zeros(ctx.shape[1])
         u = model.entry(tokens, model.shifted_ctx(ctx, first))  # [m, d]
-        sees = torch.cat([torch.ones(m, n, dtype=torch.bool),
-                          torch.ones(m, m, dtype=torch.bool).tril()], dim=1)  # [m, n + m]
+        dev = tokens.device
+        sees = torch.cat([torch.ones(m, n, dtype=torch.bool, device=dev),
+                          torch.ones(m, m, dtype=torch.bool, device=dev).tril()], dim=1)  # [m, n + m]
         past = cache.kv or [(ctx.new_zeros(0, self.config.num_kv_heads, self.config.head_dim),) * 2
                             ] * len(model.layers)
-        _, kv = model.run(u, torch.arange(n, n + m), past, [Group(slice(0, m), slice(0, n), sees)])
+        _, kv = model.run(u, torch.arange(n, n + m, device=dev), past, [Group(slice(0, m), slice(0, n), sees)])
         append_cache(cache, kv, ctx)
 
     def _propose(self, caches: list[ContextCache], anchors: torch.Tensor,
@@ -121,7 +122,8 @@ class ChainDrafter(Drafter):
         model, r_all = self.model, len(caches)
         ctx_kv, rows = cat_caches(caches, len(model.layers))
         total = sum(c.length for c in caches)
-        positions = torch.tensor([c.length for c in caches])
+        dev = anchors.device
+        positions = torch.tensor([c.length for c in caches], device=dev)
         g_in = torch.stack([c.ctx[-1] for c in caches])  # [R, d] ctx_{a-1}
         x, steps_kv, tokens, probs = anchors, [], [], []
         for k in range(self.gamma):
@@ -129,8 +131,8 @@ class ChainDrafter(Drafter):
                      torch.cat([vc] + [s[i][1] for s in steps_kv]))
                     for i, (kc, vc) in enumerate(ctx_kv)]
             groups = [Group(slice(r, r + 1), torch.cat(
-                [torch.arange(rows[r].start, rows[r].stop)]
-                + [torch.tensor([total + s * r_all + r]) for s in range(k)]), None)
+                [torch.arange(rows[r].start, rows[r].stop, device=dev)]
+                + [torch.tensor([total + s * r_all + r], device=dev) for s in range(k)]), None)
                 for r in range(r_all)]
             o, new = model.run(model.entry(x, g_in), positions + k, keys, groups)
             steps_kv.append(new)

@@ -115,7 +115,7 @@ def _eval(args) -> int:
     prompts = read_prompts(args.prompts) if args.prompts else eval_prompts(args.per_domain)
     core, text = _core(args.model, args.num_threads)
     emb, head = core.runner.embedding_and_lm_head()
-    drafters = {name: load_drafter(name, emb, head) for name in args.drafter}
+    drafters = {name: load_drafter(name, emb, head).to(core.runner.device) for name in args.drafter}
     report = evaluate(core, text, drafters, prompts, args.temperature, args.max_new_tokens,
                       args.batch)
     write_outputs(report, args.json, args.plot)

@@ -97,7 +97,7 @@ class ParallelDrafter(Drafter):
     """Drafter interface over ParallelDrafterModel: one backbone pass, then the head per position."""
 
     def _extend(self, cache: ContextCache, tokens: torch.Tensor, features: torch.Tensor) -> None:
-        positions = torch.arange(cache.length, cache.length + tokens.shape[0])
+        positions = torch.arange(cache.length, cache.length + tokens.shape[0], device=tokens.device)
         ctx = self.model.fusion(features)  # [m, d]
         append_cache(cache, [layer.kv(ctx, positions) for layer in self.model.layers], ctx)
 

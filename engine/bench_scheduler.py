@@ -95,7 +95,7 @@ def recalibration_replay(cfg: SchedulerBenchConfig) -> dict:
 
     core = EngineCore.from_config(EngineConfig(model=cfg.model, dtype=cfg.dtype, max_num_seqs=64,
                                                max_num_batched_tokens=1024))
-    drafter = load_drafter(cfg.drafter, *core.runner.embedding_and_lm_head())
+    drafter = load_drafter(cfg.drafter, *core.runner.embedding_and_lm_head()).to(core.runner.device)
     curve = throughput_curve(core, drafter)
     text = TextProcessor.from_dir(core.tokenizer_dir)
     prompts = [text.apply_chat_template([{"role": "user", "content": p["prompt"]}])

@@ -202,5 +202,5 @@ class Speculator:
             start = request.num_computed_tokens
             tokens = request.token_ids(start, start + n) + plan.drafts[row][:accepted[row]]
             self.drafter.extend(request.request_id, torch.tensor(tokens),
-                                hidden[row0:row0 + keep].float().cpu())
+                                hidden[row0:row0 + keep].float())  # moved to the drafter's device
             row0 += n + len(plan.drafts[row])

@@ -112,7 +112,7 @@ def _calibrate(args) -> int:
     core = EngineCore.from_config(EngineConfig(model=args.model, num_threads=args.num_threads,
                                                max_num_seqs=64, max_num_batched_tokens=1024))
     text = TextProcessor.from_dir(core.tokenizer_dir)
-    drafter = load_drafter(args.drafter, *core.runner.embedding_and_lm_head())
+    drafter = load_drafter(args.drafter, *core.runner.embedding_and_lm_head()).to(core.runner.device)
     encoded = [text.apply_chat_template([{"role": "user", "content": p["prompt"]}]) for p in prompts]
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_new_tokens, seed=0)
     fit_ids, held_ids = split_holdout([p["domain"] for p in prompts], args.holdout_share)

@@ -216,3 +216,16 @@ def test_recent_decode_speed_by_hand():
     for t in range(RECENT_STEPS):  # the window slides: 4 tokens every second from now on
         r.note_emitted(4, 13.0 + t)
     assert r.recent_tps() == pytest.approx(4.0) and not r.below_floor()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
+@pytest.mark.parametrize("method,head", [("dspark", "markov"), ("eagle3", "none")])
+def test_drafter_runs_on_the_engines_gpu(tiny_llama_dir, prompts, method, head):
+    want = make_core(tiny_llama_dir, device="cuda").generate(prompts[:8], GREEDY)
+    core = make_core(tiny_llama_dir, device="cuda")
+    drafter = drafter_for(core, method, head).to(core.runner.device)
+    core.enable_speculation(drafter)
+    assert next(drafter.model.parameters()).is_cuda
+    assert core.generate(prompts[:8], GREEDY) == want
+    assert all(k.is_cuda for c in drafter.caches.values() for k, _ in c.kv) or not drafter.caches
