@@ -10,9 +10,15 @@ Terms, defined once for this module (positions k are 1-based in the math, 0-base
               that passed stay unknown would select on the outcome and bias every fit to 0.
               Selecting on ver (which the scheduler sets from confidences alone) does not bias
               P(y | z).
-    a[n, k]   = Π_{i<=k} σ(z[n, i] / T_i): calibrated prefix survival (T = 1: uncalibrated)
+    a[n, k]   = Π_{i<=k} σ(z[n, i] / T_i + b_i): calibrated prefix survival
+              (T = 1, b = 0: uncalibrated; b = 0 is the paper's STS)
 STS fits T_1..T_γ left to right: with T_1..T_{k-1} fixed,
     T_k = argmin_{T in grid} ECE(a[·, k](T), y[·, k])      (a 1-D grid search)
+A temperature only stretches logits around 0, so a confidence head that is biased (e.g. reports
+0.33 where 0.30 of its first drafts pass, measured on the shipped drafter) stays off by the bias.
+With fit_shift (the default) each position also gets a shift b_k, fitted by alternating 1-D
+grid searches: b_k on the shift grid with T_k fixed, then T_k with b_k fixed, `sweeps` times,
+keeping a pair only when it lowers the ECE (so the result is never worse than plain STS).
 ECE with `bins` equal-width bins over [0, 1]:
     ECE = Σ_b (n_b / N) |mean_b(a) − mean_b(y)| = Σ_b |Σ_{n in b} a_n − Σ_{n in b} y_n| / N
 AUROC = P(a of a random positive > a of a random negative), ties counting 1/2.
@@ -49,13 +55,22 @@ class STSConfig:
     t_min: float = 0.05  # grid of temperatures, log-spaced: T < 1 sharpens, T > 1 softens
     t_max: float = 20.0
     grid_size: int = 241  # neighbours differ by (t_max / t_min)^(1/240) - 1 ≈ 2.5%
+    fit_shift: bool = True  # also fit a per-position shift b_k (module docstring)
+    shift_max: float = 2.0  # shift grid: b in [-shift_max, shift_max] ...
+    shift_grid_size: int = 81  # ... in steps of 0.05
+    sweeps: int = 3  # alternations of the shift and temperature searches
 
     def __post_init__(self) -> None:
         if self.bins < 1 or self.grid_size < 2 or not 0 < self.t_min < 1 < self.t_max:
             raise ValueError("STS needs bins >= 1, grid_size >= 2 and t_min < 1 < t_max")
+        if self.shift_grid_size < 2 or self.shift_max <= 0 or self.sweeps < 1:
+            raise ValueError("the shift grid needs >= 2 points, shift_max > 0 and sweeps >= 1")
 
     def grid(self) -> np.ndarray:
         return np.geomspace(self.t_min, self.t_max, self.grid_size)  # [G]
+
+    def shift_grid(self) -> np.ndarray:
+        return np.linspace(-self.shift_max, self.shift_max, self.shift_grid_size)  # [S]
 
 
 @dataclass(frozen=True)
@@ -96,22 +111,28 @@ def prefix_labels(accepted: np.ndarray, verified: np.ndarray, gamma: int):
 
 @dataclass(frozen=True)
 class Calibration:
-    """Fitted per-position temperatures; turns raw confidences into calibrated prefix survival."""
+    """Fitted per-position temperatures (and shifts); turns raw confidences into calibrated
+    prefix survival."""
 
     temperatures: tuple[float, ...]  # [γ] T_k
+    shifts: tuple[float, ...] = ()  # [γ] b_k (empty: all 0, the paper's STS)
 
     def __post_init__(self) -> None:
         if not self.temperatures or any(not t > 0 for t in self.temperatures):
             raise ValueError(f"temperatures must be positive, got {self.temperatures}")
+        if self.shifts and len(self.shifts) != len(self.temperatures):
+            raise ValueError("need one shift per temperature")
 
     @classmethod
     def identity(cls, gamma: int) -> Calibration:
         return cls((1.0,) * gamma)
 
     def survival_from_logits(self, z: np.ndarray) -> np.ndarray:
-        """z: [R, γ] raw logits -> a [R, γ], a_k = Π_{i<=k} σ(z_i / T_i)."""
-        t = np.asarray(self.temperatures[:z.shape[1]])
-        return np.cumprod(sigmoid(z / t), axis=1)
+        """z: [R, γ] raw logits -> a [R, γ], a_k = Π_{i<=k} σ(z_i / T_i + b_i)."""
+        g = z.shape[1]
+        t = np.asarray(self.temperatures[:g])
+        b = np.asarray(self.shifts[:g]) if self.shifts else 0.0
+        return np.cumprod(sigmoid(z / t + b), axis=1)
 
     def survival(self, confidences: np.ndarray) -> np.ndarray:
         """confidences: [R, γ] c_k = σ(z_k) as the drafter reports them -> a [R, γ]."""
@@ -197,37 +218,63 @@ class OnlineCalibration:
 
 
 # ---- sequential temperature scaling ----------------------------------------------------------
-def best_temperature(prefix: np.ndarray, z: np.ndarray, y: np.ndarray, config: STSConfig) -> float:
-    """prefix: [N] a_{k-1} (fixed), z: [N] logits of position k, y: [N] labels of position k
-    -> the grid temperature of least ECE of prefix · σ(z / T); ties go to the T nearest 1."""
-    grid = config.grid()  # [G]
-    if z.size == 0:
-        return 1.0
-    chunk = max(1, _GRID_CHUNK_ELEMENTS // z.size)
-    errors = np.concatenate([
-        ece_many(prefix[None] * sigmoid(z[None] / grid[i:i + chunk, None]), y, config.bins)
-        for i in range(0, grid.size, chunk)])  # [G]
+def _grid_errors(prefix: np.ndarray, u: np.ndarray, y: np.ndarray, bins: int) -> np.ndarray:
+    """prefix: [N], u: [G, N] candidate logits -> [G] ECE of prefix · σ(u), in chunks."""
+    chunk = max(1, _GRID_CHUNK_ELEMENTS // max(1, u.shape[1]))
+    return np.concatenate([ece_many(prefix[None] * sigmoid(u[i:i + chunk]), y, bins)
+                           for i in range(0, u.shape[0], chunk)])
+
+
+def _best(values: np.ndarray, errors: np.ndarray, neutral: float, log_scale: bool) -> tuple[float, float]:
+    """The value of least error; ties go to the one nearest `neutral` -> (value, error)."""
     best = np.flatnonzero(errors <= errors.min() + 1e-12)
-    return float(grid[best[np.argmin(np.abs(np.log(grid[best])))]])
+    dist = np.abs(np.log(values[best]) - np.log(neutral)) if log_scale else np.abs(values[best] - neutral)
+    i = best[np.argmin(dist)]
+    return float(values[i]), float(errors[i])
+
+
+def best_scaling(prefix: np.ndarray, z: np.ndarray, y: np.ndarray,
+                 config: STSConfig) -> tuple[float, float]:
+    """prefix: [N] a_{k-1} (fixed), z: [N] logits of position k, y: [N] labels of position k
+    -> (T, b) of least ECE of prefix · σ(z / T + b): T by grid search at b = 0 (plain STS),
+    then, with fit_shift, alternating searches over b and T, each step kept only if it helps."""
+    if z.size == 0:
+        return 1.0, 0.0
+    temps, shifts = config.grid(), config.shift_grid()
+    t, err = _best(temps, _grid_errors(prefix, z[None] / temps[:, None], y, config.bins), 1.0, True)
+    b = 0.0
+    for _ in range(config.sweeps if config.fit_shift else 0):
+        b_new, e_b = _best(shifts, _grid_errors(prefix, z[None] / t + shifts[:, None], y,
+                                                config.bins), 0.0, False)
+        if e_b < err - 1e-12:
+            b, err = b_new, e_b
+        t_new, e_t = _best(temps, _grid_errors(prefix, z[None] / temps[:, None] + b, y,
+                                               config.bins), 1.0, True)
+        if e_t < err - 1e-12:
+            t, err = t_new, e_t
+        else:
+            break
+    return t, b
 
 
 def fit_sts(data: CalibrationData, config: STSConfig = STSConfig()) -> Calibration:
-    """T_1..T_γ left to right, each on the rounds that verified that position."""
+    """(T_k, b_k) for k = 1..γ left to right, each on the rounds that verified that position."""
     z = np.asarray(data.logits, dtype=np.float64)  # [N, γ]
     y, known = data.labels()  # [N, γ] each
     prefix = np.ones(z.shape[0])  # [N] a_{k-1}, a_0 = 1
-    temps = []
+    temps, shifts = [], []
     for k in range(data.gamma):
         rows = known[:, k]
-        t = best_temperature(prefix[rows], z[rows, k], y[rows, k], config)
+        t, b = best_scaling(prefix[rows], z[rows, k], y[rows, k], config)
         temps.append(t)
-        prefix = prefix * sigmoid(z[:, k] / t)
-    return Calibration(tuple(temps))
+        shifts.append(b)
+        prefix = prefix * sigmoid(z[:, k] / t + b)
+    return Calibration(tuple(temps), tuple(shifts) if config.fit_shift else ())
 
 
 @dataclass(frozen=True)
 class CalibrationReport:
-    """Temperatures and per-position metrics before (T = 1) and after calibration."""
+    """Temperatures, shifts and per-position metrics before (T = 1, b = 0) and after calibration."""
 
     temperatures: tuple[float, ...]  # [γ]
     ece_before: tuple[float, ...]  # [γ]
@@ -240,13 +287,15 @@ class CalibrationReport:
     holdout_ece_before: tuple[float, ...] = ()  # [γ]
     holdout_ece_after: tuple[float, ...] = ()  # [γ]
     num_holdout_rounds: int = 0
+    shifts: tuple[float, ...] = ()  # [γ] (empty: all 0)
 
     @property
     def calibration(self) -> Calibration:
-        return Calibration(self.temperatures)
+        return Calibration(self.temperatures, self.shifts)
 
     def to_dict(self) -> dict:
-        return {"format": 1, "temperatures": list(self.temperatures), "bins": self.bins,
+        return {"format": 1, "temperatures": list(self.temperatures), "shifts": list(self.shifts),
+                "bins": self.bins,
                 "num_rounds": self.num_rounds, "ece_before": list(self.ece_before),
                 "ece_after": list(self.ece_after), "auroc_before": _json_floats(self.auroc_before),
                 "auroc_after": _json_floats(self.auroc_after),
@@ -261,7 +310,7 @@ class CalibrationReport:
                    tuple(d["ece_after"]), nan(d["auroc_before"]), nan(d["auroc_after"]),
                    int(d["num_rounds"]), int(d.get("bins", 20)),
                    tuple(d.get("holdout_ece_before", ())), tuple(d.get("holdout_ece_after", ())),
-                   int(d.get("num_holdout_rounds", 0)))
+                   int(d.get("num_holdout_rounds", 0)), tuple(map(float, d.get("shifts", ()))))
 
 
 def _json_floats(xs) -> list:
@@ -293,7 +342,8 @@ def calibrate(data: CalibrationData, config: STSConfig = STSConfig(),
         held = (position_metrics(holdout, identity, config.bins)[0],
                 position_metrics(holdout, fitted, config.bins)[0], len(holdout.accepted))
     return CalibrationReport(fitted.temperatures, ece0, ece1, auc0, auc1,
-                             int(np.asarray(data.accepted).shape[0]), config.bins, *held)
+                             int(np.asarray(data.accepted).shape[0]), config.bins, *held,
+                             shifts=fitted.shifts)
 
 
 # ---- storage next to the drafter, and the reliability diagram ---------------------------------
@@ -315,7 +365,7 @@ def load_calibration(drafter_dir: str | Path) -> Calibration | None:
 def save_rounds(path: str | Path, data: CalibrationData) -> Path:
     """Recorded rounds as .npz (z, accepted, verified), e.g. for replaying them later."""
     path = Path(path)
-    np.savez_compressed(path, logits=np.asarray(data.logits, dtype=np.float32),
+    np.savez_compressed(path, logits=np.asarray(data.logits, dtype=np.float64),
                         accepted=np.asarray(data.accepted), verified=data.num_verified())
     return path
 

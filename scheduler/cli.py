@@ -33,6 +33,8 @@ def add_commands(sub) -> None:
                    "prompts kept out of the fit; the report gives ECE on their rounds too")
     c.add_argument("--rounds-out", default=None, help="also save the recorded rounds (.npz: fit "
                    "rounds, and holdout rounds in a second file *-holdout.npz)")
+    c.add_argument("--rounds-in", default=None, help="fit on rounds saved by --rounds-out instead of "
+                   "generating new ones (its *-holdout.npz, when present, is the hold-out)")
     c.add_argument("--json", default=None, help="also write the report here")
     c.add_argument("--model", default="", help="target checkpoint (default: the embedded model)")
     c.add_argument("--num-threads", type=int, default=0)
@@ -103,10 +105,13 @@ def _calibrate(args) -> int:
     from engine.config import EngineConfig
     from engine.core import EngineCore
     from engine.messages import SamplingParams
-    from scheduler.calibration import calibrate, plot_reliability, save_calibration, save_rounds
+    from scheduler.calibration import save_rounds
     from server.text import TextProcessor
 
     path = resolve_drafter_path(args.drafter)  # a bad name fails before the model loads
+    if args.rounds_in:
+        data, holdout = _saved_rounds(args.rounds_in)
+        return _fit_and_report(args, path, data, holdout, "saved rounds")
     prompts = (read_prompts(args.prompts) if args.prompts
                else calibration_prompts(args.per_domain, args.train_per_domain))
     core = EngineCore.from_config(EngineConfig(model=args.model, num_threads=args.num_threads,
@@ -119,22 +124,42 @@ def _calibrate(args) -> int:
     data = collect_rounds(core, drafter, [encoded[i] for i in fit_ids], params, args.batch)
     holdout = (collect_rounds(core, drafter, [encoded[i] for i in held_ids], params, args.batch)
                if held_ids else None)
-    report = calibrate(data, holdout=holdout)
     if args.rounds_out:
         save_rounds(args.rounds_out, data)
         if holdout is not None:
-            save_rounds(str(args.rounds_out).removesuffix(".npz") + "-holdout.npz", holdout)
+            save_rounds(holdout_path(args.rounds_out), holdout)
+    return _fit_and_report(args, path, data, holdout, f"{len(prompts)} prompts")
+
+
+def holdout_path(rounds_path: str | Path) -> Path:
+    return Path(str(rounds_path).removesuffix(".npz") + "-holdout.npz")
+
+
+def _saved_rounds(path: str):
+    from scheduler.calibration import load_rounds
+
+    if not Path(path).exists():
+        raise ValueError(f"--rounds-in: no file {path}")
+    held = holdout_path(path)
+    return load_rounds(path), (load_rounds(held) if held.exists() else None)
+
+
+def _fit_and_report(args, path: Path, data, holdout, source: str) -> int:
+    from scheduler.calibration import calibrate, plot_reliability, save_calibration
+
+    report = calibrate(data, holdout=holdout)
     save_calibration(path, report)
     plot = plot_reliability(data, report, args.plot or path / "reliability.png")
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=1))
-    print(f"{report.num_rounds} rounds from {len(prompts)} prompts; temperatures and metrics "
+    print(f"{report.num_rounds} rounds from {source}; temperatures and metrics "
           f"in {path / 'calibration.json'}, reliability diagram {plot}")
     held = report.num_holdout_rounds
-    print(f"position  T       ECE before  ECE after  AUROC before  AUROC after"
+    print(f"position  T       b       ECE before  ECE after  AUROC before  AUROC after"
           + (f"  held-out ECE before  after ({held} rounds)" if held else ""))
     for k, t in enumerate(report.temperatures):
-        line = (f"{k + 1:8d}  {t:6.3f}  {100 * report.ece_before[k]:9.2f}%  "
+        b = report.shifts[k] if report.shifts else 0.0
+        line = (f"{k + 1:8d}  {t:6.3f}  {b:+6.2f}  {100 * report.ece_before[k]:9.2f}%  "
                 f"{100 * report.ece_after[k]:8.2f}%  {report.auroc_before[k]:12.3f}  "
                 f"{report.auroc_after[k]:11.3f}")
         if held:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scheduler.calibration import (Calibration, CalibrationData, OnlineCalibration, STSConfig,
+from scheduler.calibration import (Calibration, CalibrationData, CalibrationReport,
+                                   OnlineCalibration, STSConfig,
                                    auroc, calibrate, ece, fit_sts, load_calibration, load_report,
                                    logit, plot_reliability, position_metrics, prefix_labels,
                                    save_calibration, sigmoid)
@@ -72,15 +73,35 @@ def test_sts_recovers_known_temperatures():
                for after, before in zip(report.auroc_after, report.auroc_before))
 
 
+def test_shift_fixes_a_biased_confidence_head():
+    """A head that reports z = 2u + 1 (overconfident AND biased up): a temperature alone cannot
+    centre it; T = 2, b = -0.5 (z/2 - 0.5 = u) can, and the fit finds it."""
+    rng = np.random.default_rng(2)
+    u = rng.normal(-0.8, 1.2, size=(30000, 1))
+    accepted = (rng.random(30000) < sigmoid(u[:, 0])).astype(np.int64)
+    data = CalibrationData(2.0 * u + 1.0, accepted)
+    plain = calibrate(data, STSConfig(fit_shift=False))
+    shifted = calibrate(data)
+    assert plain.shifts == () and plain.ece_after[0] > 0.02
+    assert shifted.temperatures[0] == pytest.approx(2.0, rel=0.1)
+    assert shifted.shifts[0] == pytest.approx(-0.5, abs=0.1)
+    assert shifted.ece_after[0] < 0.01 < plain.ece_after[0]
+    loaded = CalibrationReport.from_dict(shifted.to_dict()).calibration
+    np.testing.assert_allclose(loaded.survival_from_logits(data.logits[:5]),
+                               sigmoid(data.logits[:5] / shifted.temperatures[0] + shifted.shifts[0]))
+
+
 def test_sts_is_sequential():
     """Position 2's temperature is fitted on top of T_1: fitting it with T_1 left at 1 picks a
-    different (wrong) temperature, so the left-to-right order matters."""
+    different (wrong) temperature, so the left-to-right order matters (the paper's STS, no
+    shifts)."""
     data, _ = synthetic_rounds((3.0, 1.0), n=30000, seed=1)
-    fitted = fit_sts(data)
+    sts = STSConfig(fit_shift=False)
+    fitted = fit_sts(data, sts)
     assert fitted.temperatures[1] == pytest.approx(1.0, rel=0.1)
     z = data.logits.copy()
     z[:, 0] = 50.0  # position 1 "always accepted" as far as a_2 = σ(z_1) σ(z_2 / T) goes
-    naive = fit_sts(CalibrationData(z, data.accepted))
+    naive = fit_sts(CalibrationData(z, data.accepted), sts)
     assert abs(np.log(naive.temperatures[1])) > 0.2
 
 

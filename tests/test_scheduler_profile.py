@@ -165,6 +165,11 @@ def test_calibrate_command(core, tiny_llama_dir, tmp_path):
     fit, held = load_rounds(tmp_path / "rounds.npz"), load_rounds(tmp_path / "rounds-holdout.npz")
     assert report.num_rounds == len(fit.accepted) and report.num_holdout_rounds == len(held.accepted)
     assert len(report.holdout_ece_after) == 5 and held.logits.shape[1] == 5
+    # refit from the saved rounds, without generating: the same report
+    again = parse(["calibrate", "--drafter", str(drafter_dir), "--rounds-in", str(tmp_path / "rounds.npz"),
+                   "--plot", str(tmp_path / "r.png")])
+    assert scheduler_cli.run(again) == 0
+    assert load_report(drafter_dir).to_dict() == report.to_dict()
 
 
 def test_split_holdout():
