@@ -112,6 +112,10 @@ class EngineConfig:
     draft_skip_after: int = 2  # skip drafting for a request after this many rounds in a row
     #                            in which none of its block was verified (0: never skip)
     recalibrate: bool = True  # refit the temperatures online when acceptance drifts
+    # CUDA devices: each step's forward is a CUDA graph replayed at its token count rounded up
+    # to a bucket (engine/cuda_graphs.py); False runs it eagerly. CPUs always run eagerly,
+    # unpadded (padding would only add work there).
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.spec_method not in SPEC_METHODS:

@@ -45,8 +45,11 @@ def throughput_curve(core: EngineCore, drafter):
     (cached; profiled now, and logged, when no cached curve fits)."""
     from engine.profile import ProfileConfig, default_cache_dir, load_or_profile
 
-    sizes = tuple(s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-                  if s <= core.config.max_num_batched_tokens)
+    if core.runner.graphs is not None:  # every step runs padded to a bucket: profile those
+        sizes = core.runner.graph_config.buckets
+    else:
+        sizes = tuple(s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+                      if s <= core.config.max_num_batched_tokens)
     profile = ProfileConfig(sizes=sizes, gamma=drafter.gamma, repeats=1,
                             capture_layers=tuple(drafter.config.feature_layers))
     return load_or_profile(core, profile, default_cache_dir(), progress=False)

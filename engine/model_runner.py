@@ -2,10 +2,12 @@
 
 Each step turns a ScheduledBatch into one flattened forward (tokens of all requests back to back,
 with per-token request index and position) and samples the next token of every request whose
-scheduled tokens reach the end of its known tokens.
+scheduled tokens reach the end of its known tokens. On CUDA the forward is a CUDA graph replayed
+at the step's bucketed token count (engine/cuda_graphs.py); elsewhere it runs eagerly, unpadded.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -13,6 +15,8 @@ import torch
 
 from engine.batcher import ScheduledBatch
 from engine.config import EngineConfig, ModelConfig
+from engine.cuda_graphs import FlatStep, GraphConfig, GraphRunner
+from engine.kv_cache import blocks_for
 from engine.model import CausalLM, Linear
 from engine.sampler import sample
 from kernels.attention import build_attention_batch
@@ -64,13 +68,39 @@ class ModelRunner:
         self.model_cfg = model_cfg
         self.model = CausalLM.from_hf_state_dict(model_cfg, state, self.device, self.dtype)
         self.kv_dtype = self._prepare_cpu_kernels()
-        slots = num_blocks * self.block_size
+        # one block past the pool's (ids 0..num_blocks-1): the scratch block that padding tokens
+        # of a bucketed step write (engine/cuda_graphs.py); no request ever owns it
+        self.scratch_block = num_blocks
+        slots = (num_blocks + 1) * self.block_size
         shape = (model_cfg.num_layers, 2, slots, model_cfg.num_kv_heads, model_cfg.head_dim)
         # [L, 2, slots, Hkv, D]. Only slots a request wrote are read, plus slot 0 as the
-        # (masked) padding key, which must hold finite numbers: so only the first block is zeroed.
+        # (masked) padding key and the scratch block, which must hold finite numbers: so only
+        # the first and the scratch block are zeroed.
         self.kv = torch.empty(shape, dtype=self.kv_dtype, device=self.device)
         self.kv[:, :, :self.block_size].zero_()
+        self.kv[:, :, num_blocks * self.block_size:].zero_()
         self.kv_caches = [(self.kv[i, 0], self.kv[i, 1]) for i in range(model_cfg.num_layers)]
+        self.graph_config = self._graph_config(config, num_blocks)
+        # CUDA graphs where they pay (a CUDA device); elsewhere the unpadded eager forward
+        self.graphs: GraphRunner | None = None
+        if config.cuda_graphs and self.device.type == "cuda":
+            self.graphs = GraphRunner(self.model, self.kv_caches, self.graph_config,
+                                      self.block_size, self.device)
+
+    def _graph_config(self, config: EngineConfig, num_blocks: int) -> GraphConfig:
+        """Buckets up to the step budget, a block-table row per running request, columns for the
+        longest context (as EngineCore bounds it)."""
+        max_len = min(config.max_model_len or self.model_cfg.max_position, self.model_cfg.max_position)
+        width = min(blocks_for(max_len, self.block_size), num_blocks)
+        return GraphConfig.for_engine(config.max_num_batched_tokens, config.max_num_seqs, width,
+                                      self.scratch_block)
+
+    def pad_to_buckets(self, capture: bool = True) -> None:
+        """Run every step that fits a bucket through the graph runner, whatever the config says:
+        captured graphs on CUDA (capture=True), the same padded forward eagerly otherwise (tests
+        compare it with the unpadded one on a CPU)."""
+        cfg = dataclasses.replace(self.graph_config, capture=capture)
+        self.graphs = GraphRunner(self.model, self.kv_caches, cfg, self.block_size, self.device)
 
     def _prepare_cpu_kernels(self) -> torch.dtype:
         """Pick CPU GEMM paths (see engine.model.Linear); returns the KV cache dtype: float32
@@ -92,6 +122,18 @@ class ModelRunner:
         self.model.float32_batches = emulated_bf16
         return torch.float32 if emulated_bf16 else self.dtype
 
+    def _forward(self, step: FlatStep, capture_layers: tuple[int, ...]
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The step's forward: padded through the graph runner when it is on and the step fits
+        a bucket, else eager and unpadded. -> (logits [S, V] float32, hidden [T, n, d] or None)."""
+        if self.graphs is not None and self.graphs.fits(step):
+            return self.graphs.run(step, capture_layers)
+        attn = build_attention_batch(step.query_lens, step.seq_lens, step.block_tables,
+                                     self.block_size, self.device)
+        rows = torch.tensor(step.logits_rows, dtype=torch.long, device=self.device)
+        return self.model(torch.tensor(step.input_ids, device=self.device), attn.token_pos,
+                          self.kv_caches, attn, rows, capture_layers)
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, capture_layers: tuple[int, ...] = (),
                 with_final: bool = False) -> StepResult:
@@ -100,26 +142,24 @@ class ModelRunner:
         of the sampled rows (drafter training data)."""
         ids: list[int] = []
         seq_lens: list[int] = []
-        sample_rows: list[int] = []
+        sample_rows: list[int] = []  # requests whose next token is due
+        logits_rows: list[int] = []  # their last row in the flat batch
         for row, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
             start = request.num_computed_tokens
             ids.extend(request.token_ids(start, start + n))
             seq_lens.append(start + n)
             if start + n == request.num_tokens:
                 sample_rows.append(row)
-        ends = torch.cumsum(torch.tensor(batch.num_new_tokens), 0) - 1  # [R] last row per request
-        attn = build_attention_batch(list(batch.num_new_tokens), seq_lens,
-                                     [r.block_table for r in batch.requests], self.block_size,
-                                     self.device)
-        logits_indices = ends[sample_rows].to(self.device)
+                logits_rows.append(len(ids) - 1)
+        step = FlatStep(ids, list(batch.num_new_tokens), seq_lens,
+                        [r.block_table for r in batch.requests], logits_rows)
         layers = tuple(capture_layers) + ((self.model_cfg.num_layers,) if with_final else ())
-        logits, hidden = self.model(
-            torch.tensor(ids, device=self.device), attn.token_pos,
-            self.kv_caches, attn, logits_indices, layers)
+        logits, hidden = self._forward(step, layers)
         tokens = sample(logits, [batch.requests[r] for r in sample_rows])
         if not with_final:
             return StepResult(dict(zip(sample_rows, tokens)), hidden)
-        final = self.model.norm(hidden[logits_indices, -1]).float()  # [S, d]
+        rows = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
+        final = self.model.norm(hidden[rows, -1]).float()  # [S, d]
         return StepResult(dict(zip(sample_rows, tokens)), hidden[:, :-1] if capture_layers else None,
                           final, torch.logsumexp(logits, dim=-1))
 
@@ -142,12 +182,8 @@ class ModelRunner:
             counts.append(wanted)
             lens.append(n + len(extra))
             seq_lens.append(start + n + len(extra))
-        attn = build_attention_batch(lens, seq_lens, [r.block_table for r in batch.requests],
-                                     self.block_size, self.device)
-        logits, hidden = self.model(torch.tensor(ids, device=self.device), attn.token_pos,
-                                    self.kv_caches, attn,
-                                    torch.tensor(logit_rows, dtype=torch.long, device=self.device),
-                                    capture_layers)
+        step = FlatStep(ids, lens, seq_lens, [r.block_table for r in batch.requests], logit_rows)
+        logits, hidden = self._forward(step, capture_layers)
         return logits, hidden, counts
 
     @torch.inference_mode()
@@ -159,11 +195,9 @@ class ModelRunner:
         ids = [t for toks in new_tokens for t in toks]
         lens = [len(toks) for toks in new_tokens]
         seq_lens = [r.num_computed_tokens + n for r, n in zip(requests, lens)]
-        attn = build_attention_batch(lens, seq_lens, [r.block_table for r in requests],
-                                     self.block_size, self.device)
-        rows = torch.arange(len(ids), device=self.device)
-        return self.model(torch.tensor(ids, device=self.device), attn.token_pos, self.kv_caches,
-                          attn, rows, capture_layers)
+        step = FlatStep(ids, lens, seq_lens, [r.block_table for r in requests],
+                        list(range(len(ids))))
+        return self._forward(step, capture_layers)
 
     def embedding_and_lm_head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The target's [V, d] input embedding and LM head, float32 on the CPU (drafters share

@@ -7,8 +7,9 @@ through ModelRunner.execute_spec, with random drafts (the cost does not depend o
 and `context` tokens already in every request's KV cache. Nothing is committed: each repetition
 rewrites the same KV slots, so every timed step sees the same state. SPS(B) = 1 / median time.
 The drafter's own forward is not included (it drafts the whole block whatever ℓ is).
-On a GPU the sizes to profile are the CUDA-graph buckets; the runner is eager today, so the
-curve it measures there is smooth rather than step-shaped.
+On a GPU with CUDA graphs every step runs padded to its bucket (engine/cuda_graphs.py), so the
+curve is step-shaped and the sizes to profile are the buckets themselves; the cache key says
+whether graphs were on.
 """
 from __future__ import annotations
 
@@ -53,10 +54,10 @@ class ProfileConfig:
         return [self.gamma] * (n - 1) + [size - (n - 1) * per - 1]
 
 
-def hardware_string(device: torch.device) -> str:
+def hardware_string(device: torch.device, graphs: bool = False) -> str:
     """What the curve depends on besides the model: the device and how it runs steps."""
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (eager)"
+        return f"{torch.cuda.get_device_name(device)} ({'cuda graphs' if graphs else 'eager'})"
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -131,13 +132,13 @@ def profile(core, config: ProfileConfig = ProfileConfig(), progress: bool = True
         for request in requests:
             core.pool.release(request)
     return ThroughputCurve(tuple(config.sizes), tuple(rates), model_string(core, config),
-                           hardware_string(core.runner.device))
+                           hardware_string(core.runner.device, core.runner.graphs is not None))
 
 
 def load_or_profile(core, config: ProfileConfig, cache_dir: str | Path,
                     progress: bool = True) -> ThroughputCurve:
     """The cached curve of this model + hardware, else profile now (saying so) and cache it."""
-    model, hardware = model_string(core, config), hardware_string(core.runner.device)
+    model, hardware = model_string(core, config), hardware_string(core.runner.device, core.runner.graphs is not None)
     curve = cached_curve(cache_dir, model, hardware)
     if curve is not None:
         log.info("throughput curve from %s", cache_path(cache_dir, model, hardware))

@@ -11,7 +11,9 @@ The KV pool of one layer is [num_slots, Hkv, D] with num_slots = num_blocks * bl
 position j of request r lives at slot block_tables[r, j // bs] * bs + j % bs.
 
 `paged_attention` is the one function the model calls. This file holds the plain-torch
-reference; a Triton kernel with the same signature comes with speculative decoding.
+reference (kernels/triton_attention.py has the Triton kernel with the same signature), the
+markers of a padded batch (CUDA-graph replay, engine/cuda_graphs.py) and the Triton kernel's
+work split, which is pure Python so the graph runner can key graphs on it without triton.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 SHORT_QUERY = 16  # requests with at most this many new tokens share one padded SDPA call
+MIN_DOT = 16  # smallest M, N and K given to tl.dot (16-bit K >= 16; M >= 16 in older Triton)
+MAX_ROWS = 64  # query rows (tokens x heads of a group) per Triton program
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,10 @@ class AttentionBatch:
     block_tables: torch.Tensor  # [R, max_blocks] KV block ids per request (padded with 0)
     seq_lens: torch.Tensor  # [R] tokens in the KV cache after this step
     block_size: int  # tokens per KV page
-    groups: tuple[RefGroup, ...]  # layout of the reference path
+    groups: tuple[RefGroup, ...]  # layout of the reference path (empty where Triton runs)
+    # tokens per Triton program; 0: chosen from T and R of these tensors. A padded batch carries
+    # the choice of its real batch, which padding (T_pad, and R_max block-table rows) would skew.
+    tile_tokens: int = 0
 
 
 def build_attention_batch(
@@ -51,13 +58,7 @@ def build_attention_batch(
     block_size: int, device: torch.device,
 ) -> AttentionBatch:
     """Markers for R requests whose new tokens are the last query_lens[r] of seq_lens[r]."""
-    token_req, token_pos, slots = [], [], []
-    for r, (q, s) in enumerate(zip(query_lens, seq_lens)):
-        table = block_tables[r]
-        for p in range(s - q, s):
-            token_req.append(r)
-            token_pos.append(p)
-            slots.append(table[p // block_size] * block_size + p % block_size)
+    token_req, token_pos, slots = token_markers(query_lens, seq_lens, block_tables, block_size)
     width = max(len(t) for t in block_tables)
     tables = [t + [0] * (width - len(t)) for t in block_tables]
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
@@ -65,6 +66,52 @@ def build_attention_batch(
         slot_mapping=as_long(slots), token_req=as_long(token_req), token_pos=as_long(token_pos),
         block_tables=as_long(tables), seq_lens=as_long(seq_lens), block_size=block_size,
         groups=_ref_groups(query_lens, seq_lens, block_tables, block_size, device))
+
+
+def token_markers(query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
+                  block_size: int) -> tuple[list[int], list[int], list[int]]:
+    """(token_req, token_pos, slot) of every new token [T], request by request."""
+    token_req, token_pos, slots = [], [], []
+    for r, (q, s) in enumerate(zip(query_lens, seq_lens)):
+        table = block_tables[r]
+        for p in range(s - q, s):
+            token_req.append(r)
+            token_pos.append(p)
+            slots.append(table[p // block_size] * block_size + p % block_size)
+    return token_req, token_pos, slots
+
+
+def padded_ref_groups(query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
+                      block_size: int, num_tokens: int, scratch_slot: int,
+                      device: torch.device) -> tuple[RefGroup, ...]:
+    """The reference layout of a batch padded with tokens T..num_tokens-1 (engine/cuda_graphs.py):
+    the real requests' groups as unpadded, then one group of the padding tokens, each a query that
+    sees exactly one key, the scratch slot (which they all write, and no request reads)."""
+    real = _ref_groups(query_lens, seq_lens, block_tables, block_size, device)
+    pad = num_tokens - sum(query_lens)
+    if pad == 0:
+        return real
+    index = torch.arange(num_tokens - pad, num_tokens, device=device)  # [P]
+    return real + (RefGroup(
+        q_index=index, q_src=torch.arange(pad, device=device), q_dst=index,
+        kv_slots=torch.full((pad,), scratch_slot, dtype=torch.long, device=device),
+        mask=torch.ones(pad, 1, 1, 1, dtype=torch.bool, device=device), dense=False),)
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def tile_tokens(num_tokens: int, num_requests: int, group: int) -> int:
+    """Tokens per Triton program for T tokens of R requests and `group` query heads per KV head:
+    about the mean query length, with MIN_DOT..MAX_ROWS rows (shapes only, no device sync).
+    Decode batches get small tiles, prefill chunks large ones."""
+    group_pad = pow2(group)
+    mean_query = -(-num_tokens // max(num_requests, 1))
+    low = max(1, MIN_DOT // group_pad)
+    high = max(low, MAX_ROWS // group_pad)
+    return min(max(pow2(mean_query), low), high)
 
 
 def _ref_groups(query_lens, seq_lens, block_tables, block_size, device) -> tuple[RefGroup, ...]:

@@ -21,11 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention import AttentionBatch
+from kernels.attention import MIN_DOT, AttentionBatch, pow2, tile_tokens
 
 LOG2_E = 1.4426950408889634  # 2^(x * log2 e) = e^x
-MIN_DOT = 16  # smallest M, N and K given to tl.dot (16-bit K >= 16; M >= 16 in older Triton)
-MAX_ROWS = 64  # query rows (tokens x heads of a group) per program
 
 
 @triton.jit
@@ -96,25 +94,12 @@ def _flat_paged_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def _dot_dtype(cache: torch.Tensor) -> tl.dtype:
     """Products run in the cache's dtype; only the interpreter (CPU tensors), whose tl.dot reads
     bfloat16 as raw integers, gets bfloat16 operands widened to float32 first."""
     if cache.dtype == torch.bfloat16:
         return tl.float32 if cache.device.type == "cpu" else tl.bfloat16
     return {torch.float32: tl.float32, torch.float16: tl.float16}[cache.dtype]
-
-
-def _tile_tokens(num_tokens: int, num_requests: int, group_pad: int) -> int:
-    """Tokens per program: about the mean query length, with MIN_DOT..MAX_ROWS rows (shapes only,
-    no device sync). Decode batches get small tiles, prefill chunks large ones."""
-    mean_query = -(-num_tokens // max(num_requests, 1))
-    low = max(1, MIN_DOT // group_pad)
-    high = max(low, MAX_ROWS // group_pad)
-    return min(max(_pow2(mean_query), low), high)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -126,14 +111,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     T, H, D = q.shape
     hkv = k_cache.shape[1]
     assert H % hkv == 0 and k_cache.shape[2] == D and v_cache.shape == k_cache.shape
-    assert block_n >= MIN_DOT and block_n == _pow2(block_n)
+    assert block_n >= MIN_DOT and block_n == pow2(block_n)
     assert k_cache.stride(2) == 1 and v_cache.stride(2) == 1 and q.stride(2) == 1
     out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)  # [T, H, D]
     if T == 0:
         return out
     group = H // hkv
-    group_pad = _pow2(group)
-    block_m = _tile_tokens(T, batch.block_tables.shape[0], group_pad)
+    group_pad = pow2(group)
+    # tokens per program (kernels.attention.tile_tokens): from shapes only, so under CUDA-graph
+    # capture the launch grid depends on the padded T alone
+    block_m = batch.tile_tokens or tile_tokens(T, batch.block_tables.shape[0], group)
     grid = (triton.cdiv(T, block_m), hkv)
     _flat_paged_attention_kernel[grid](
         q, k_cache, v_cache, out, batch.token_req, batch.token_pos, batch.block_tables,
@@ -141,7 +128,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(MIN_DOT, _pow2(D)), DOT_DTYPE=_dot_dtype(k_cache),
+        BLOCK_D=max(MIN_DOT, pow2(D)), DOT_DTYPE=_dot_dtype(k_cache),
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32")
     return out
 
@@ -178,4 +165,4 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-        NUM_KV_HEADS=hkv, HEAD_DIM=D, BLOCK_H=_pow2(hkv), BLOCK_D=_pow2(D))
+        NUM_KV_HEADS=hkv, HEAD_DIM=D, BLOCK_H=pow2(hkv), BLOCK_D=pow2(D))

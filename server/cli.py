@@ -42,6 +42,8 @@ def _serve_args(sub) -> None:
                    "the scheduler verified none of its block (0: never)")
     p.add_argument("--no-recalibrate", action="store_true", help="keep the drafter's fitted "
                    "temperatures even when served acceptance drifts from them")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run every forward eagerly on "
+                   "a GPU instead of replaying CUDA graphs at bucketed token counts")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -145,7 +147,8 @@ def engine_config(args) -> EngineConfig:
         block_size=getattr(args, "block_size", 0), allocation=getattr(args, "allocation", "auto"),
         sla_tps=getattr(args, "sla_tps", 0.0) if getattr(args, "command", "") == "serve" else 0.0,
         draft_skip_after=getattr(args, "draft_skip_after", 2),
-        recalibrate=not getattr(args, "no_recalibrate", False))
+        recalibrate=not getattr(args, "no_recalibrate", False),
+        cuda_graphs=not getattr(args, "no_cuda_graphs", False))
 
 
 DEFAULT_METHOD = "dspark"  # the shipped drafter of the embedded model (drafters/weights)
