@@ -11,7 +11,8 @@ Every round t the engine calls lengths(confidences [R, γ], γ, R). The policy
     4. admits the K current candidates of highest a (top_k_lengths): ℓ [R], Σ ℓ = min(K, Rγ);
        candidates of requests below their SLA floor (priority) first.
 With a RecalibrationConfig, observe() also feeds every served round to an OnlineRecalibrator
-(scheduler/recalibrate.py), which refits the temperatures in use when acceptance drifts.
+(scheduler/recalibrate.py); its periodic drift check and refit run in one worker thread, and a
+refitted calibration is swapped in at the first observe() after it is ready.
 If the process has died, that round verifies full blocks, the death is counted and the process
 is restarted; nothing is raised to the engine. Any K is lossless here because it never depends on
 this round's tokens (scheduler/allocate.py).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +70,8 @@ class PrefixSchedulerPolicy:
         self.curve, self.calibration, self.config = curve, calibration, config
         self.recalibration = recalibration
         self._recalibrator: OnlineRecalibrator | None = None
+        self._worker: ThreadPoolExecutor | None = None  # runs drift checks and refits
+        self._refit: Future | None = None  # the one in flight
         self._last_logits: np.ndarray | None = None  # [R, γ] raw z of the latest round
         self.process: SchedulerProcess | None = SchedulerProcess(curve, config.max_in_flight_bytes)
         self.round = 0
@@ -178,14 +182,34 @@ class PrefixSchedulerPolicy:
         gamma = self._last_logits.shape[1]
         if self._recalibrator is None or self._recalibrator.gamma != gamma:
             self._recalibrator = OnlineRecalibrator(gamma, self.recalibration)
-        self._recalibrator.update(self._last_logits, accepted, verified)
-        fitted = self._recalibrator.maybe_refit(self.calibration or Calibration.identity(gamma))
-        if fitted is not None:
-            log.info("confidences drifted (window ECE %.2f%%): temperatures refitted to %s",
-                     100 * self._recalibrator.last_drift,
-                     ", ".join(f"{t:.2f}" for t in fitted.temperatures))
-            self.calibration = fitted
-            self._online = None  # the online error restarts under the new temperatures
+        recal = self._recalibrator
+        recal.update(self._last_logits, accepted, verified)
+        if self._refit is not None:
+            if not self._refit.done():
+                return  # one refit at a time; rounds keep filling the window meanwhile
+            self._apply(self._refit.result())
+        if recal.due():
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="dspark-recalibrate")
+            current = self.calibration or Calibration.identity(gamma)
+            self._refit = self._worker.submit(recal.refit, current, recal.window_data())
+
+    def _apply(self, fitted: Calibration | None) -> None:
+        self._refit = None
+        if fitted is None:
+            return
+        log.info("confidences drifted (window ECE %.2f%% above noise): refitted to T = %s, b = %s",
+                 100 * self._recalibrator.last_drift,
+                 ", ".join(f"{t:.2f}" for t in fitted.temperatures),
+                 ", ".join(f"{b:+.2f}" for b in fitted.shifts))
+        self.calibration = fitted
+        self._online = None  # the online error restarts under the new calibration
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait for a refit in flight and apply it; for tests and benchmarks (the engine never
+        waits for one)."""
+        if self._refit is not None:
+            self._apply(self._refit.result(timeout))
 
     def stats(self) -> SchedulerStats:
         answer = self._current
@@ -197,6 +221,9 @@ class PrefixSchedulerPolicy:
             recalibrations=self._recalibrator.refits if self._recalibrator else 0)
 
     def close(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, cancel_futures=True)
+            self._worker = None
         if self.process is not None:
             self.process.close()
             self.process = None

@@ -71,7 +71,9 @@ class OnlineRecalibrator:
         self.since_check += len(accepted)
 
     def window_data(self) -> CalibrationData:
-        return CalibrationData(self.z[:self.size], self.acc[:self.size], self.ver[:self.size])
+        """A copy of the window (a refit may run in another thread while rounds keep coming)."""
+        n = self.size
+        return CalibrationData(self.z[:n].copy(), self.acc[:n].copy(), self.ver[:n].copy())
 
     def drift(self, calibration: Calibration, data: CalibrationData | None = None) -> float:
         """Mean excess of ECE over its noise level, over the well-observed positions."""
@@ -82,18 +84,26 @@ class OnlineRecalibrator:
                   for k in range(data.gamma) if known[:, k].sum() >= self.config.min_per_position]
         return float(np.mean(excess)) if excess else 0.0
 
-    def maybe_refit(self, calibration: Calibration) -> Calibration | None:
-        """A better calibration when it is time to check and the window has drifted, else None."""
-        cfg = self.config
-        if self.since_check < cfg.every or self.size < cfg.min_rounds:
-            return None
+    def due(self) -> bool:
+        """Time for a drift check? (Resets the count of rows since the last one.)"""
+        if self.since_check < self.config.every or self.size < self.config.min_rounds:
+            return False
         self.since_check = 0
-        data = self.window_data()
+        return True
+
+    def refit(self, calibration: Calibration, data: CalibrationData) -> Calibration | None:
+        """The drift check on `data` (a window copy) and, past the threshold, the refit:
+        a better calibration, or None. Pure but for the counters; the policy runs it in a
+        worker thread (its ~1 s of NumPy must not stall an engine round)."""
         self.last_drift = self.drift(calibration, data)
-        if self.last_drift <= cfg.threshold:
+        if self.last_drift <= self.config.threshold:
             return None
-        fitted = fit_sts(data, STSConfig(grid_size=cfg.grid_size))
+        fitted = fit_sts(data, STSConfig(grid_size=self.config.grid_size))
         if self.drift(fitted, data) >= self.last_drift:
             return None
         self.refits += 1
         return fitted
+
+    def maybe_refit(self, calibration: Calibration) -> Calibration | None:
+        """due() and refit() in the caller's thread (replays and tests)."""
+        return self.refit(calibration, self.window_data()) if self.due() else None

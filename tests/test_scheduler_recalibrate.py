@@ -71,6 +71,9 @@ def test_policy_refits_from_what_it_served():
         for s in range(0, 6000, 6):
             lengths = policy.lengths(c[s:s + 6], len(SCALES), 6)
             policy.observe(lengths, np.minimum(data.accepted[s:s + 6], lengths))
+            if s % 600 == 0:
+                policy.settle()  # refits run in a worker thread; let them land in the test
+        policy.settle()
         stats = policy.stats()
         assert stats.recalibrations >= 1 and policy.calibration is not None
         np.testing.assert_allclose(policy.calibration.temperatures[0], SCALES[0], rtol=0.25)
