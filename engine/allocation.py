@@ -3,8 +3,9 @@
     lengths(confidences, gamma, R, priority) -> l_r in 0..gamma for every drafting request
 
 The engine calls the policy once per round with the drafter's confidences [R, gamma] (None when
-the drafter has no confidence head) and priority [R] (requests below their per-request SLA
-floor, which a policy that ranks candidates admits first; None: no floors). Fixed policies ignore them; the prefix scheduler process
+the drafter has no confidence head) and priority [R] >= 1 (how far each request runs below its
+per-request SLA floor; a policy that ranks candidates weighs their survival by it; None: no
+floors). Fixed policies ignore them; the prefix scheduler process
 (scheduler/) plugs in through the same interface. Deals in NumPy arrays only.
 """
 from __future__ import annotations

@@ -97,7 +97,7 @@ class SpecDecodeStats:
     scheduler_restarts: int = 0  # times the scheduler process died and was restarted
     recalibrations: int = 0  # online refits of the confidence temperatures
     num_draft_skips: int = 0  # request-rounds not drafted: recent blocks went unverified
-    num_sla_priority: int = 0  # request-rounds admitted first because below their SLA floor
+    num_sla_priority: int = 0  # request-rounds weighted up because below their SLA floor
 
 
 @dataclass(frozen=True)

@@ -85,10 +85,13 @@ class Request:
         tokens = sum(n for _, n in self.emissions) - self.emissions[0][1]
         return tokens / span if span > 0 else None
 
-    def below_floor(self) -> bool:
-        """It has a floor and its recent decode speed is under it."""
+    def floor_weight(self, max_weight: float) -> float:
+        """How far below its floor it runs: floor / recent speed, in [1, max_weight]; 1 with no
+        floor, at pace, or before its speed is known."""
         speed = self.recent_tps() if self.sla_tps > 0 else None
-        return speed is not None and speed < self.sla_tps
+        if speed is None or speed >= self.sla_tps:
+            return 1.0
+        return min(max_weight, self.sla_tps / max(speed, 1e-9))
 
     def finish(self, reason: str) -> None:
         self.status = Status.FINISHED

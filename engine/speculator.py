@@ -12,8 +12,10 @@ A request's drafter context always covers exactly its num_computed_tokens tokens
 K/V in the cache); after a preemption the context is rolled back with it.
 
 Two decisions read only the request's past, never this round's drafts, so both stay lossless:
-    SLA floor      a request whose recent decode tokens/s is below its floor is flagged, and
-                   the policy admits its candidates first (scheduler/allocate.py top_k_lengths)
+    SLA floor      a request whose recent decode tokens/s v is below its floor F gets the
+                   weight w = min(F / v, FLOOR_MAX_WEIGHT), and the policy ranks its candidates
+                   by w · survival (scheduler/allocate.py top_k_lengths): its drafts are admitted
+                   ahead of others' unless theirs are w times likelier to survive
     draft skipping a request whose last `skip_after` drafted blocks had none of their tokens
                    verified (the policy gave it ℓ = 0: its confidences lose to the others')
                    is not drafted, ℓ = 0, saving its share of the drafter's work; every
@@ -35,6 +37,7 @@ from engine.rejection_sampler import (StopTokens, draw_round_randoms, rejection_
 from engine.sampler import SamplingTensors, filtered_probs_batch, request_generator
 
 SKIP_PROBE = 4  # a skipping request is drafted again after this many skipped rounds
+FLOOR_MAX_WEIGHT = 4.0  # the most a lagging request's survival is weighted
 
 
 @dataclass
@@ -109,8 +112,8 @@ class Speculator:
         if not rows:
             return RoundPlan(drafts, torch.zeros(0, self.vocab_size, device=self.device))
         requests = [batch.requests[r] for r in rows]
-        priority = np.array([r.below_floor() for r in requests])  # [R]
-        self.counters.num_sla_priority += int(priority.sum())
+        priority = np.array([r.floor_weight(FLOOR_MAX_WEIGHT) for r in requests])  # [R] >= 1
+        self.counters.num_sla_priority += int((priority > 1).sum())
         temps = torch.tensor([r.params.temperature for r in requests], dtype=torch.float32)
         anchors = torch.tensor([r.token_ids(r.num_tokens - 1, r.num_tokens)[0] for r in requests])
         out = self.drafter.propose([r.request_id for r in requests], anchors, temps)

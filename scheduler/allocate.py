@@ -83,13 +83,13 @@ def top_k_lengths(a: np.ndarray, capacity: int, priority: np.ndarray | None = No
     The same set as the first k of candidate_order, found in O(Rγ) on the engine's path:
     v = the k-th largest a; admit every a > v, then the first (row-major) of those equal to v.
     Prefix-respecting: in a row, a > v is a prefix and its ties with v follow it directly.
-    priority [R] bool (per-request SLA floors): those requests' candidates are admitted first,
-    ranked by key = a + 1[priority] (in [0, 2]; still non-increasing along each row). The flag
-    comes from the request's past speed, never from this round's tokens, so the argument above
-    holds for the key as for a: lossless."""
+    priority [R] >= 1 (per-request SLA floors): candidates are ranked by key = w_r · a_{r,j},
+    so a lagging request's survival counts w_r times (still non-increasing along each row).
+    The weights come from the requests' past speed, never from this round's tokens, so the
+    argument above holds for the key as for a: lossless."""
     key = check_survival(a)
-    if priority is not None and np.any(priority):
-        key = key + np.asarray(priority, dtype=np.float64)[:, None]
+    if priority is not None and np.any(priority != 1):
+        key = key * np.asarray(priority, dtype=np.float64)[:, None]
     flat = key.ravel()  # [Rγ]
     k = min(max(int(capacity), 0), flat.size)
     if k == 0 or k == flat.size:

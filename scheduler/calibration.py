@@ -212,9 +212,12 @@ class OnlineCalibration:
             return np.abs(self.sum_p - self.sum_y).sum(axis=1) / n
 
     def error(self) -> float:
-        """Mean ECE over the positions observed so far (0 before any)."""
-        e = self.per_position()
-        return float(np.nanmean(e)) if np.isfinite(e).any() else 0.0
+        """ECE over every observed (round, position) label, binned per position:
+        Σ_k Σ_b |Σ a − Σ y| / Σ_k N_k, i.e. the per-position ECEs weighted by how often each
+        position was verified (0 before any). A plain mean would let a position seen a handful
+        of times, whose ECE is mostly noise, weigh as much as position 1."""
+        n = self.count.sum()
+        return float(np.abs(self.sum_p - self.sum_y).sum() / n) if n else 0.0
 
 
 # ---- sequential temperature scaling ----------------------------------------------------------
@@ -257,15 +260,22 @@ def best_scaling(prefix: np.ndarray, z: np.ndarray, y: np.ndarray,
     return t, b
 
 
-def fit_sts(data: CalibrationData, config: STSConfig = STSConfig()) -> Calibration:
-    """(T_k, b_k) for k = 1..γ left to right, each on the rounds that verified that position."""
+def fit_sts(data: CalibrationData, config: STSConfig = STSConfig(), min_labels: int = 0,
+            keep: Calibration | None = None) -> Calibration:
+    """(T_k, b_k) for k = 1..γ left to right, each on the rounds that verified that position.
+    A position with fewer than min_labels such rounds is not fitted (a grid search on a
+    handful of labels lands anywhere on the grid): it keeps keep's (T_k, b_k), or (1, 0)."""
     z = np.asarray(data.logits, dtype=np.float64)  # [N, γ]
     y, known = data.labels()  # [N, γ] each
     prefix = np.ones(z.shape[0])  # [N] a_{k-1}, a_0 = 1
     temps, shifts = [], []
     for k in range(data.gamma):
         rows = known[:, k]
-        t, b = best_scaling(prefix[rows], z[rows, k], y[rows, k], config)
+        if rows.sum() < min_labels:
+            t = keep.temperatures[k] if keep else 1.0
+            b = keep.shifts[k] if keep and keep.shifts else 0.0
+        else:
+            t, b = best_scaling(prefix[rows], z[rows, k], y[rows, k], config)
         temps.append(t)
         shifts.append(b)
         prefix = prefix * sigmoid(z[:, k] / t + b)

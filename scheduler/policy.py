@@ -9,7 +9,7 @@ Every round t the engine calls lengths(confidences [R, γ], γ, R). The policy
        answer has not arrived, it takes the newest answer it has from before (a "late round");
        before any answer exists (start-up) it verifies full blocks;
     4. admits the K current candidates of highest a (top_k_lengths): ℓ [R], Σ ℓ = min(K, Rγ);
-       candidates of requests below their SLA floor (priority) first.
+       survival weighted by each request's SLA-floor priority (≥ 1; engine/speculator.py).
 With a RecalibrationConfig, observe() also feeds every served round to an OnlineRecalibrator
 (scheduler/recalibrate.py); its periodic drift check and refit run in one worker thread, and a
 refitted calibration is swapped in at the first observe() after it is ready.
@@ -85,7 +85,7 @@ class PrefixSchedulerPolicy:
     # ---- the AllocationPolicy interface --------------------------------------------------------
     def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int,
                 priority: np.ndarray | None = None) -> np.ndarray:
-        """confidences: [R, γ] drafter c_k (or None), priority: [R] bool or None -> ℓ [R]."""
+        """confidences: [R, γ] drafter c_k (or None), priority: [R] weights >= 1 or None -> ℓ [R]."""
         full = np.full(num_requests, gamma, dtype=np.int64)
         if confidences is None or num_requests == 0:
             return full

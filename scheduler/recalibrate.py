@@ -30,7 +30,8 @@ class RecalibrationConfig:
     every: int = 512  # rows observed between drift checks
     threshold: float = 0.01  # mean per-position ECE above the noise level that triggers a refit
     min_rounds: int = 1024  # rows in the window before the first check
-    min_per_position: int = 100  # labels a position needs to count in the drift measure
+    min_per_position: int = 100  # labels a position needs to count in the drift measure and
+    #                              to be refitted (others keep their temperature and shift)
     grid_size: int = 81  # STS grid, ~7% apart (coarser than offline: it runs on the engine's path)
 
     def __post_init__(self) -> None:
@@ -98,7 +99,8 @@ class OnlineRecalibrator:
         self.last_drift = self.drift(calibration, data)
         if self.last_drift <= self.config.threshold:
             return None
-        fitted = fit_sts(data, STSConfig(grid_size=self.config.grid_size))
+        fitted = fit_sts(data, STSConfig(grid_size=self.config.grid_size),
+                         self.config.min_per_position, keep=calibration)
         if self.drift(fitted, data) >= self.last_drift:
             return None
         self.refits += 1

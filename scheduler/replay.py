@@ -28,7 +28,7 @@ class ReplayResult:
     tokens_per_second: float  # Θ over the whole replay
     tokens_per_round: float  # mean emitted tokens per request-round
     mean_verify_len: float
-    ece_late: float  # online ECE (mean over positions) over the second half of the replay
+    ece_late: float  # online ECE (OnlineCalibration.error) over the second half of the replay
     refits: int
 
     def to_dict(self) -> dict:

@@ -97,7 +97,7 @@ def _bench_args(sub) -> None:
     c.add_argument("--drafter", default="dspark", help="drafter with confidences: name or directory")
     c.add_argument("--concurrency", type=int, default=16)
     c.add_argument("--max-tokens", type=int, default=48)
-    c.add_argument("--replay-per-domain", type=int, default=8,
+    c.add_argument("--replay-per-domain", type=int, default=16,
                    help="held-out prompts per domain recorded for the recalibration replay")
     c.add_argument("--json", default=None, help="write the results here")
 

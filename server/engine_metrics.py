@@ -79,8 +79,8 @@ class EngineStatsCollector(Collector):
         yield CounterMetricFamily("dspark_spec_decode_draft_skips", "Request-rounds not drafted "
                                   "because their recent blocks went unverified",
                                   value=s.num_draft_skips)
-        yield CounterMetricFamily("dspark_sla_priority_rounds", "Request-rounds admitted to "
-                                  "verification first because below their SLA floor",
+        yield CounterMetricFamily("dspark_sla_priority_rounds", "Request-rounds whose drafts were "
+                                  "weighted up for verification because below their SLA floor",
                                   value=s.num_sla_priority)
 
 

@@ -198,24 +198,27 @@ def test_requests_below_their_sla_floor_get_priority(tiny_llama_dir, prompts, re
         for o in core.step():
             out[o.request_id].extend(o.new_token_ids)
     assert [out[r] for r in ids] == reference[:6]
-    flags = [p for _, p in policy.calls if p is not None]
+    flags = [p > 1 for _, p in policy.calls if p is not None]
     assert flags and not flags[0].any()  # no speed is known before two emitting steps
     assert max(int(p.sum()) for p in flags) == 5  # everyone but the opted-out request
     assert core.stats().spec.num_sla_priority == sum(int(p.sum()) for p in flags)
+    weights = np.concatenate([p for _, p in policy.calls if p is not None])
+    assert weights.min() == 1.0 and weights.max() == 4.0  # FLOOR_MAX_WEIGHT: 1e9 is far off
 
 
 def test_recent_decode_speed_by_hand():
     from engine.request import RECENT_STEPS, Request
 
     r = Request("x", [1, 2], GREEDY, sla_tps=3.0)
-    assert r.recent_tps() is None and not r.below_floor()
+    assert r.recent_tps() is None and r.floor_weight(4.0) == 1.0
     r.note_emitted(1, 10.0)  # the first token: its wait is not decode time
     r.note_emitted(3, 11.0)
     r.note_emitted(1, 12.0)
-    assert r.recent_tps() == pytest.approx(2.0) and r.below_floor()  # 4 tokens in 2 s
+    assert r.recent_tps() == pytest.approx(2.0)  # 4 tokens in 2 s
+    assert r.floor_weight(4.0) == pytest.approx(1.5) and r.floor_weight(1.2) == 1.2
     for t in range(RECENT_STEPS):  # the window slides: 4 tokens every second from now on
         r.note_emitted(4, 13.0 + t)
-    assert r.recent_tps() == pytest.approx(4.0) and not r.below_floor()
+    assert r.recent_tps() == pytest.approx(4.0) and r.floor_weight(4.0) == 1.0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

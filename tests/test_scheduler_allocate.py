@@ -174,18 +174,19 @@ def test_capacity_from_an_older_snapshot_keeps_the_target_distribution():
     assert k == 2 and len(seen) > 1  # the split of K between requests followed the drafts
 
 
-def test_sla_priority_admits_lagging_requests_first():
+def test_sla_priority_weighs_lagging_requests_survival():
     a = np.array([[0.9, 0.8, 0.5], [0.4, 0.2, 0.1], [0.7, 0.6, 0.3]])
     assert top_k_lengths(a, 3).tolist() == [2, 0, 1]
-    lagging = np.array([False, True, False])
-    assert top_k_lengths(a, 3, lagging).tolist() == [0, 3, 0]  # all of B first, prefix-wise
-    assert top_k_lengths(a, 5, lagging).tolist() == [2, 3, 0]  # then the rest by survival
-    assert top_k_lengths(a, 5, np.zeros(3, bool)).tolist() == top_k_lengths(a, 5).tolist()
+    # B at a third of its floor: keys 1.2, 0.6, 0.3 -> B's first draft goes first, then A's
+    lagging = np.array([1.0, 3.0, 1.0])
+    assert top_k_lengths(a, 3, lagging).tolist() == [2, 1, 0]
+    assert top_k_lengths(a, 6, lagging).tolist() == [2, 2, 2]  # 0.6 ties C's 0.6: rows in order
+    assert top_k_lengths(a, 5, np.ones(3)).tolist() == top_k_lengths(a, 5).tolist()
 
 
 def test_sla_priority_with_an_older_capacity_keeps_the_target_distribution():
     """Which request lags comes from past rounds: a fixed flag, like the older capacity."""
-    for lagging in ([True, False], [False, True]):
+    for lagging in ([4.0, 1.0], [1.0, 2.5]):
         for k in (1, 2, 3):
             got = output_distribution(lambda a: top_k_lengths(a, k, np.array(lagging)))
             np.testing.assert_allclose(got, target_distribution(), atol=1e-12)

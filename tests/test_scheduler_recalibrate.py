@@ -84,6 +84,20 @@ def test_policy_refits_from_what_it_served():
         assert plain.stats().recalibrations == 0 and plain.calibration is None
 
 
+def test_rarely_verified_positions_keep_their_calibration():
+    """A scheduler that verifies at most 2 drafts leaves positions 3-4 unlabelled: the refit
+    fits positions 1-2 and keeps the current temperatures and shifts of the others."""
+    data, _ = synthetic_rounds(SCALES, n=8000, seed=8)
+    verified = np.full(8000, 2)
+    verified[:50] = 4  # a few full blocks: far below min_per_position
+    censored = CalibrationData(data.logits, np.minimum(data.accepted, verified), verified)
+    current = Calibration((1.0, 1.0, 0.7, 1.3), (0.0, 0.0, 0.2, -0.1))
+    recal = OnlineRecalibrator(4, RecalibrationConfig(window=8000, every=8000, min_rounds=8000))
+    (fit,) = feed(recal, censored, current, batch=8000)
+    assert fit.temperatures[2:] == (0.7, 1.3) and fit.shifts[2:] == (0.2, -0.1)
+    np.testing.assert_allclose(fit.temperatures[:2], SCALES[:2], rtol=0.2)
+
+
 def test_bad_config_is_refused():
     with pytest.raises(ValueError):
         RecalibrationConfig(window=100, min_rounds=200)
