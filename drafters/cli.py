@@ -19,10 +19,17 @@ def add_commands(sub) -> None:
                          formatter_class=fmt)
     d.add_argument("--out", default="runs/data", help="data directory (resumable)")
     d.add_argument("--per-domain", type=int, default=600, help="prompts per domain (math, code, chat)")
+    d.add_argument("--prompts", default="", help='JSONL of {"domain": ..., "prompt": ...} lines to '
+                   "answer instead of the generated training set (e.g. written here for a GPU host "
+                   "without reasoning-gym: dspark train prompts)")
     d.add_argument("--max-new-tokens", type=int, default=256)
     d.add_argument("--batch", type=int, default=64, help="prompts answered concurrently")
     d.add_argument("--model", default="", help="target checkpoint (default: the embedded model)")
     d.add_argument("--num-threads", type=int, default=0)
+    w = which.add_parser("prompts", help="write the training prompts as JSONL (for train data "
+                         "--prompts on a host without the prompt generators)", formatter_class=fmt)
+    w.add_argument("--out", required=True, help="JSONL file to write")
+    w.add_argument("--per-domain", type=int, default=600, help="prompts per domain")
     t = which.add_parser("drafter", help="train one drafter on cached data", formatter_class=fmt)
     t.add_argument("--data", default="runs/data")
     t.add_argument("--out", required=True, help="drafter directory (resumes from its checkpoint)")
@@ -59,6 +66,8 @@ def add_commands(sub) -> None:
 def run(args) -> int:
     if args.command == "eval-table":
         return _eval_table(args)
+    if args.command == "train" and args.train == "prompts":
+        return _train_prompts(args)
     import torch
 
     if args.num_threads > 0:
@@ -70,6 +79,20 @@ def run(args) -> int:
     if args.train == "data":
         return _train_data(args)
     return _train_drafter(args)
+
+
+def _train_prompts(args) -> int:
+    import json
+
+    from drafters.prompts import training_prompts
+
+    if args.per_domain < 1:
+        raise ValueError(f"--per-domain must be >= 1, got {args.per_domain}")
+    prompts = training_prompts(args.per_domain)
+    with open(args.out, "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in prompts)
+    print(f"{len(prompts)} training prompts in {args.out}")
+    return 0
 
 
 def _core(model: str, num_threads: int):
@@ -86,7 +109,7 @@ def _train_data(args) -> int:
     from drafters.data import DataConfig, build_training_data
 
     cfg = DataConfig(args.out, n_per_domain=args.per_domain, max_new_tokens=args.max_new_tokens,
-                     batch=args.batch)
+                     batch=args.batch, prompts_file=args.prompts)
     core, text = _core(args.model, args.num_threads)
     out = build_training_data(core, text, cfg)
     print(f"training data in {out}")

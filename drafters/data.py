@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from drafters.prompts import training_prompts
+from drafters.prompts import read_prompts, training_prompts
 from engine.messages import AddRequest, SamplingParams
 
 DATA_FORMAT = 1
@@ -50,6 +50,7 @@ class DataConfig:
     batch: int = 64  # prompts answered concurrently; one shard each
     seed: int = 0  # prompt sampling
     feature_layers: tuple[int, ...] = field(default=())  # () = default_feature_layers(target)
+    prompts_file: str = ""  # a JSONL of {"domain", "prompt"} lines instead of the generated set
 
     def __post_init__(self) -> None:
         if self.n_per_domain < 1 or self.max_new_tokens < 1 or self.batch < 1:
@@ -63,7 +64,8 @@ def build_training_data(core, text, cfg: DataConfig, progress: bool = True) -> P
     out.mkdir(parents=True, exist_ok=True)
     layers = cfg.feature_layers or default_feature_layers(core.model_cfg.num_layers)
     _check_meta(out, core.model_cfg.name, layers, cfg)
-    prompts = training_prompts(cfg.n_per_domain, cfg.seed)
+    prompts = read_prompts(cfg.prompts_file) if cfg.prompts_file else training_prompts(
+        cfg.n_per_domain, cfg.seed)
     bar = tqdm(total=len(prompts), desc="train data", unit="prompt", disable=not progress)
     for k, start in enumerate(range(0, len(prompts), cfg.batch)):
         chunk = list(range(start, min(start + cfg.batch, len(prompts))))
@@ -80,6 +82,8 @@ def build_training_data(core, text, cfg: DataConfig, progress: bool = True) -> P
 def _check_meta(out: Path, model: str, layers: tuple[int, ...], cfg: DataConfig) -> None:
     meta = {"format": DATA_FORMAT, "model": model, "feature_layers": list(layers),
             "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, "batch": cfg.batch}
+    if cfg.prompts_file:
+        meta["prompts_file"] = Path(cfg.prompts_file).name
     path = out / "meta.json"
     if path.exists():
         old = json.loads(path.read_text())

@@ -50,7 +50,7 @@ def throughput_curve(core: EngineCore, drafter):
     else:
         sizes = tuple(s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
                       if s <= core.config.max_num_batched_tokens)
-    profile = ProfileConfig(sizes=sizes, gamma=drafter.gamma, repeats=1,
+    profile = ProfileConfig(sizes=sizes, gamma=drafter.gamma, repeats=3,
                             capture_layers=tuple(drafter.config.feature_layers))
     return load_or_profile(core, profile, default_cache_dir(), progress=False)
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -131,8 +132,24 @@ def profile(core, config: ProfileConfig = ProfileConfig(), progress: bool = True
         bar.close()
         for request in requests:
             core.pool.release(request)
+    rates = monotone(config.sizes, rates)
     return ThroughputCurve(tuple(config.sizes), tuple(rates), model_string(core, config),
                            hardware_string(core.runner.device, core.runner.graphs is not None))
+
+
+def monotone(sizes, rates: list[float], tolerance: float = 0.1) -> list[float]:
+    """A larger forward is never faster per step, so SPS must not rise with B: a rise is the
+    machine being busy during a smaller size's steps. Clip each rate to the smallest rate of the
+    sizes before it, and warn when that moved a rate by more than `tolerance` (the scheduler
+    would otherwise see a fake cliff and jump to it)."""
+    out = list(np.minimum.accumulate(np.asarray(rates, dtype=np.float64)))
+    worst = max((r / o - 1.0 for r, o in zip(rates, out)), default=0.0)
+    if worst > tolerance:
+        at = [b for b, r, o in zip(sizes, rates, out) if r > o * (1 + tolerance)]
+        log.warning("SPS rose with the forward size at B = %s (by up to %.0f%%): the machine was "
+                    "busy while profiling; clipped. Rerun `dspark profile --force` when it is "
+                    "quiet.", at, 100 * worst)
+    return [float(r) for r in out]
 
 
 def load_or_profile(core, config: ProfileConfig, cache_dir: str | Path,

@@ -120,7 +120,8 @@ class Speculator:
         conf = None if out.confidences is None else out.confidences.cpu().numpy()
         room = [min(batch.num_lookahead[row], self.max_model_len - r.num_tokens)
                 for row, r in zip(rows, requests)]  # reserved slots, and the context limit
-        lengths = np.minimum(self.policy.lengths(conf, self.gamma, len(rows), priority), room)
+        other = batch.total_tokens - len(rows)  # prefill chunks and rows not drafting
+        lengths = np.minimum(self.policy.lengths(conf, self.gamma, len(rows), priority, other), room)
         full = out.full_probs(self.vocab_size)  # [R, gamma, V]
         probs = []
         for i, row in enumerate(rows):

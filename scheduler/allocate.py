@@ -4,13 +4,14 @@ Terms, defined once for this module:
     a [R, γ]   prefix survival a_{r,j} = Π_{i<=j} c_{r,i} of request r's draft position j
                (calibrated confidences c), non-increasing in j
     ℓ [R]      verification lengths, 0..γ: request r's target forward holds [anchor, x_1..x_ℓr]
-    B = Σ_r (1 + ℓ_r)                  forward size
+    B = X + Σ_r (1 + ℓ_r)              forward size (X: the step's other tokens, prefill chunks
+                                       and rows not drafting, which ride in the same forward)
     E = Σ_r (1 + Σ_{j<=ℓ_r} a_{r,j})    expected emitted tokens (+1: the recovered/bonus token)
     Θ = E · SPS(B)                     expected tokens per second
 Candidates (r, j) are taken in order of a_{r,j} descending, ties by smaller j first, so (r, j)
 always comes before (r, j + 1): any first m candidates of the order form prefixes. After the
 first m, with v_i the i-th survival in that order,
-    B_m = R + m,   E_m = R + Σ_{i<=m} v_i,   Θ_m = E_m · SPS(B_m),   m = 0..Rγ.
+    B_m = X + R + m,   E_m = R + Σ_{i<=m} v_i,   Θ_m = E_m · SPS(B_m),   m = 0..Rγ.
 
 Algorithm 1 (greedy, synchronous) admits while Θ improves and stops at the first drop. Whether
 (r, j) is admitted then depends only on the candidates ranked above it, never on a_{r,j+1} (which
@@ -47,13 +48,14 @@ def candidate_order(a: np.ndarray) -> np.ndarray:
     return np.argsort(-a.ravel(), kind="stable")
 
 
-def throughput_path(a: np.ndarray, curve: ThroughputCurve) -> tuple[np.ndarray, np.ndarray]:
-    """a: [R, γ] -> (order [Rγ], Θ_m for m = 0..Rγ [Rγ + 1])."""
+def throughput_path(a: np.ndarray, curve: ThroughputCurve,
+                    other: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """a: [R, γ], other: X -> (order [Rγ], Θ_m for m = 0..Rγ [Rγ + 1])."""
     a = check_survival(a)
     order = candidate_order(a)
     r = a.shape[0]
     e = r + np.concatenate([[0.0], np.cumsum(a.ravel()[order])])  # [Rγ+1] E_m
-    b = r + np.arange(order.size + 1)  # [Rγ+1] B_m
+    b = other + r + np.arange(order.size + 1)  # [Rγ+1] B_m
     return order, e * curve.sps(b)
 
 
@@ -62,19 +64,19 @@ def lengths_of(order: np.ndarray, k: int, num_requests: int, gamma: int) -> np.n
     return np.bincount(order[:k] // gamma, minlength=num_requests).astype(np.int64)
 
 
-def greedy_lengths(a: np.ndarray, curve: ThroughputCurve) -> np.ndarray:
+def greedy_lengths(a: np.ndarray, curve: ThroughputCurve, other: int = 0) -> np.ndarray:
     """Algorithm 1: a [R, γ] -> ℓ [R]. Admit candidates while Θ strictly improves; stop at the
     first step where it does not (Θ_{m+1} <= Θ_m)."""
-    order, theta = throughput_path(a, curve)
+    order, theta = throughput_path(a, curve, other)
     drops = np.flatnonzero(np.diff(theta) <= 0)  # m where admitting candidate m+1 does not help
     m = int(drops[0]) if drops.size else order.size
     return lengths_of(order, m, a.shape[0], a.shape[1])
 
 
-def global_capacity(a: np.ndarray, curve: ThroughputCurve) -> int:
+def global_capacity(a: np.ndarray, curve: ThroughputCurve, other: int = 0) -> int:
     """Unconstrained global search: K = argmax_m Θ_m over every m = 0..Rγ (first maximum).
     Meant for confidences of an EARLIER round (see the module docstring)."""
-    _, theta = throughput_path(a, curve)
+    _, theta = throughput_path(a, curve, other)
     return int(np.argmax(theta))
 
 

@@ -84,8 +84,9 @@ class PrefixSchedulerPolicy:
 
     # ---- the AllocationPolicy interface --------------------------------------------------------
     def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int,
-                priority: np.ndarray | None = None) -> np.ndarray:
-        """confidences: [R, γ] drafter c_k (or None), priority: [R] weights >= 1 or None -> ℓ [R]."""
+                priority: np.ndarray | None = None, other_tokens: int = 0) -> np.ndarray:
+        """confidences: [R, γ] drafter c_k (or None), priority: [R] weights >= 1 or None,
+        other_tokens: the forward's tokens besides the drafting rows' [anchor, drafts] -> ℓ [R]."""
         full = np.full(num_requests, gamma, dtype=np.int64)
         if confidences is None or num_requests == 0:
             return full
@@ -93,7 +94,7 @@ class PrefixSchedulerPolicy:
         a = self.survival(confidences)  # [R, γ]
         self._last_survival = a
         t, self.round = self.round, self.round + 1
-        if not self._exchange(t, a):
+        if not self._exchange(t, a, other_tokens):
             self.capacity = a.size
             return full  # the process died: full blocks this round
         self.capacity = self._capacity_for(t, a.size)
@@ -107,13 +108,13 @@ class PrefixSchedulerPolicy:
         return self.calibration.survival(c)
 
     # ---- talking to the process --------------------------------------------------------------
-    def _exchange(self, t: int, a: np.ndarray) -> bool:
+    def _exchange(self, t: int, a: np.ndarray, other: int = 0) -> bool:
         """Collect answers, send snapshot t. False (after a restart) when the process died."""
         try:
             if self.process is None or not self.process.alive:
                 raise EOFError("the scheduler process is not running")
             self._collect(self.process.receive())
-            self.process.send(t, a)
+            self.process.send(t, a, other)
             return True
         except DIED as exc:
             self._restart(exc)

@@ -10,7 +10,8 @@ multiprocessing.Process: the engine itself runs in a daemonic multiprocessing pr
 (server/engine_client.py) and multiprocessing refuses daemonic processes children. The two ends
 are multiprocessing.connection.Connection objects over a Unix socketpair (local only), and only
 raw bytes cross it, never pickles:
-    engine -> scheduler   snapshot  <q round, i R, i γ> then R·γ float32 values of a, row-major
+    engine -> scheduler   snapshot  <q round, i R, i γ, i X> then R·γ float32 values of a,
+                                    row-major (X: the forward's other tokens)
                           stop      the same header with round = -1 and no values
     scheduler -> engine   answer    <q round, q K, d seconds the solve took>
 The throughput curve goes to the child once, as JSON on its command line.
@@ -35,7 +36,7 @@ import numpy as np
 from scheduler.allocate import global_capacity
 from scheduler.throughput import ThroughputCurve
 
-SNAPSHOT = struct.Struct("<qii")  # round, R, γ
+SNAPSHOT = struct.Struct("<qiii")  # round, R, γ, X (other tokens in the forward)
 ANSWER = struct.Struct("<qqd")  # round, K, solve seconds
 STOP_ROUND = -1
 # what a dead or unreachable scheduler looks like from the engine's side of the socket
@@ -49,19 +50,20 @@ class Answer:
     solve_seconds: float
 
 
-def encode_snapshot(round_index: int, survival: np.ndarray) -> bytes:
-    """survival: [R, γ] -> header + float32 payload."""
+def encode_snapshot(round_index: int, survival: np.ndarray, other: int = 0) -> bytes:
+    """survival: [R, γ], other: X -> header + float32 payload."""
     a = np.ascontiguousarray(survival, dtype=np.float32)
-    return SNAPSHOT.pack(round_index, a.shape[0], a.shape[1]) + a.tobytes()
+    return SNAPSHOT.pack(round_index, a.shape[0], a.shape[1], other) + a.tobytes()
 
 
-def decode_snapshot(data: bytes) -> tuple[int, np.ndarray]:
-    """-> (round, a [R, γ] float64); checks the payload length against the header."""
-    round_index, r, g = SNAPSHOT.unpack_from(data)
+def decode_snapshot(data: bytes) -> tuple[int, np.ndarray, int]:
+    """-> (round, a [R, γ] float64, X); checks the payload length against the header."""
+    round_index, r, g, other = SNAPSHOT.unpack_from(data)
     payload = memoryview(data)[SNAPSHOT.size:]
-    if r < 0 or g < 0 or len(payload) != 4 * r * g:
+    if r < 0 or g < 0 or other < 0 or len(payload) != 4 * r * g:
         raise ValueError(f"malformed snapshot: header says {r}x{g}, payload {len(payload)} bytes")
-    return round_index, np.frombuffer(payload, dtype=np.float32).reshape(r, g).astype(np.float64)
+    a = np.frombuffer(payload, dtype=np.float32).reshape(r, g).astype(np.float64)
+    return round_index, a, other
 
 
 def newest_snapshot(conn: Connection) -> bytes | None:
@@ -78,11 +80,11 @@ def newest_snapshot(conn: Connection) -> bytes | None:
 def serve(conn: Connection, curve: ThroughputCurve) -> None:
     """The child's loop: answer the newest snapshot until told to stop or the engine goes away."""
     while (data := newest_snapshot(conn)) is not None:
-        round_index, survival = decode_snapshot(data)
+        round_index, survival, other = decode_snapshot(data)
         if round_index == STOP_ROUND:
             return
         start = time.perf_counter()
-        capacity = global_capacity(np.clip(survival, 0.0, 1.0), curve)
+        capacity = global_capacity(np.clip(survival, 0.0, 1.0), curve, other)
         conn.send_bytes(ANSWER.pack(round_index, capacity, time.perf_counter() - start))
 
 
@@ -139,9 +141,9 @@ class SchedulerProcess:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def send(self, round_index: int, survival: np.ndarray) -> bool:
+    def send(self, round_index: int, survival: np.ndarray, other: int = 0) -> bool:
         """Queue a snapshot for the child; False when skipped because too much is unanswered."""
-        data = encode_snapshot(round_index, survival)
+        data = encode_snapshot(round_index, survival, other)
         if self._in_flight and sum(self._in_flight.values()) + len(data) > self.max_in_flight_bytes:
             return False
         self._conn.send_bytes(data)
@@ -163,7 +165,7 @@ class SchedulerProcess:
         """Ask the child to stop, then make sure it has (kill after `timeout`)."""
         if self._conn is not None:
             try:
-                self._conn.send_bytes(SNAPSHOT.pack(STOP_ROUND, 0, 0))
+                self._conn.send_bytes(SNAPSHOT.pack(STOP_ROUND, 0, 0, 0))
             except DIED:
                 pass
             self._conn.close()

@@ -32,7 +32,7 @@ class RecalibrationConfig:
     min_rounds: int = 1024  # rows in the window before the first check
     min_per_position: int = 100  # labels a position needs to count in the drift measure and
     #                              to be refitted (others keep their temperature and shift)
-    grid_size: int = 81  # STS grid, ~7% apart (coarser than offline: it runs on the engine's path)
+    grid_size: int = 81  # ECE grid of plain STS (fit_shift off), coarser than offline
 
     def __post_init__(self) -> None:
         if not 0 < self.min_rounds <= self.window or self.every < 1 or self.threshold < 0:

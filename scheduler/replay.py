@@ -7,13 +7,15 @@ outcome is known) are served `concurrency` rows at a time, as one batch per roun
     ℓ_t   = top_k_lengths(a_t, K_t)                                      [c]
     acc   = min(accepted, ℓ_t)   (what the target would have kept of ℓ verified drafts)
     Θ     = Σ_t Σ_r (1 + acc_r) / Σ_t 1 / SPS(Σ_r (1 + ℓ_r))             tokens per second
-The served outcomes (acc, ℓ) feed the online ECE and, when given, the OnlineRecalibrator, which
-may swap the temperatures mid-replay: the same loop the engine's policy runs, minus the model.
+The served outcomes (acc, ℓ) feed, when given, the OnlineRecalibrator, which may swap the
+calibration mid-replay: the same loop the engine's policy runs, minus the model. The result
+carries the calibration in use at the end, to be scored on full-block rounds the replay never
+served (the served labels themselves are censored at ℓ, mostly 0 or 1 here, too few for ECE).
 Used by `dspark bench scheduler` to measure online recalibration against fixed temperatures.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,11 +30,24 @@ class ReplayResult:
     tokens_per_second: float  # Θ over the whole replay
     tokens_per_round: float  # mean emitted tokens per request-round
     mean_verify_len: float
-    ece_late: float  # online ECE (OnlineCalibration.error) over the second half of the replay
     refits: int
+    final: Calibration = field(repr=False)  # the calibration in use at the end
 
     def to_dict(self) -> dict:
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+        return {"tokens_per_second": round(self.tokens_per_second, 3),
+                "tokens_per_round": round(self.tokens_per_round, 4),
+                "mean_verify_len": round(self.mean_verify_len, 4), "refits": self.refits,
+                "final_temperatures": [round(t, 3) for t in self.final.temperatures],
+                "final_shifts": [round(b, 3) for b in self.final.shifts]}
+
+
+def labelled_ece(data: CalibrationData, calibration: Calibration) -> float:
+    """ECE of `calibration` over every (round, position) label of `data`, per-position bins,
+    weighted by labels (OnlineCalibration.error's definition)."""
+    a = calibration.survival_from_logits(np.asarray(data.logits, dtype=np.float64))
+    score = OnlineCalibration(data.gamma)
+    score.update(a, np.asarray(data.accepted), data.num_verified())
+    return score.error()
 
 
 def replay(data: CalibrationData, curve: ThroughputCurve, calibration: Calibration,
@@ -42,7 +57,6 @@ def replay(data: CalibrationData, curve: ThroughputCurve, calibration: Calibrati
     accepted = np.asarray(data.accepted)  # [N]
     gamma, rounds = z.shape[1], len(accepted) // concurrency
     recal = OnlineRecalibrator(gamma, recalibration) if recalibration else None
-    late = OnlineCalibration(gamma)
     history: list[np.ndarray] = []  # a of past rounds, for the lagged capacity
     tokens = seconds = verified = 0.0
     for t in range(rounds):
@@ -55,11 +69,9 @@ def replay(data: CalibrationData, curve: ThroughputCurve, calibration: Calibrati
         tokens += concurrency + acc.sum()
         seconds += 1.0 / float(curve.sps(concurrency + int(ell.sum())))
         verified += ell.sum()
-        if t >= rounds // 2:
-            late.update(a, acc, ell)
         if recal is not None:
             recal.update(z[rows], acc, ell)
             calibration = recal.maybe_refit(calibration) or calibration
     n = max(1, rounds * concurrency)
-    return ReplayResult(tokens / seconds if seconds else 0.0, tokens / n, verified / n,
-                        late.error(), recal.refits if recal else 0)
+    return ReplayResult(float(tokens / seconds) if seconds else 0.0, float(tokens / n),
+                        float(verified / n), recal.refits if recal else 0, calibration)

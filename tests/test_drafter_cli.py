@@ -83,3 +83,21 @@ def test_eval_rejects_a_bad_prompts_file(trained, tmp_path, capsys):
     bad.write_text("not json\n")
     assert main(["eval", "--model", model, "--drafter", str(root / "d"), "--prompts", str(bad)]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+def test_training_prompts_as_a_file_feed_train_data(tiny_llama_dir, tmp_path):
+    """`train prompts` writes the generated set; `train data --prompts` answers exactly those
+    (a GPU host without the prompt generators gets the same data this way)."""
+    from drafters.data import load_training_data
+    from drafters.prompts import read_prompts, training_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    assert main(["train", "prompts", "--out", str(path), "--per-domain", "2"]) == 0
+    assert read_prompts(path) == training_prompts(2)
+    rows = read_prompts(path)[:3]
+    path.write_text("".join(json.dumps(p) + "\n" for p in rows))
+    assert main(["train", "data", "--model", str(tiny_llama_dir), "--out", str(tmp_path / "data"),
+                 "--prompts", str(path), "--max-new-tokens", "6", "--batch", "2",
+                 "--num-threads", "1"]) == 0
+    meta, sequences = load_training_data(tmp_path / "data")
+    assert len(sequences) == 3 and meta["prompts_file"] == "prompts.jsonl"

@@ -161,9 +161,11 @@ class RecordingPolicy:
 
     def __init__(self, n: int) -> None:
         self.n, self.calls = n, []  # calls: (num_requests, priority or None) per round
+        self.other = []  # other_tokens per round
 
-    def lengths(self, confidences, gamma, num_requests, priority=None):
+    def lengths(self, confidences, gamma, num_requests, priority=None, other_tokens=0):
         self.calls.append((num_requests, None if priority is None else priority.copy()))
+        self.other.append(other_tokens)
         return np.full(num_requests, min(self.n, gamma), dtype=np.int64)
 
 
@@ -179,6 +181,7 @@ def test_draft_skipping_after_unverified_blocks(tiny_llama_dir, prompts, referen
     assert spec.num_draft_skips > drafted  # 3 of every 4 rounds are skipped once idle
     assert spec.verify_length_counts[0] == drafted + spec.num_draft_skips
     assert spec.num_drafts == 0 and not core.spec.drafter.caches
+    assert max(policy.other) > 0  # prefill chunks and skipping rows ride in drafting rounds
     off = make_core(tiny_llama_dir, draft_skip_after=0)
     off.enable_speculation(drafter_for(off, "dspark", "markov"), RecordingPolicy(0))
     assert off.generate(prompts[:8], GREEDY) == reference[:8]

@@ -188,7 +188,7 @@ class RandomLengths:
         self.rng = np.random.default_rng(seed)
 
     def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int,
-                priority: np.ndarray | None = None) -> np.ndarray:
+                priority: np.ndarray | None = None, other_tokens: int = 0) -> np.ndarray:
         return self.rng.integers(0, gamma + 1, size=num_requests)  # [R]
 
 

@@ -56,6 +56,16 @@ def test_top_k_is_prefix_respecting_and_sums_to_k():
             assert min(a[i, j] for i, j in admitted) >= max(left_out)
 
 
+def test_other_tokens_in_the_forward_move_the_capacity():
+    """Prefill chunks riding in the same forward push B up the curve: a cliff at 8 tokens is
+    reached with fewer drafts admitted."""
+    curve = ThroughputCurve((4, 8, 16), (10.0, 9.0, 3.0))
+    a = np.array([[0.9, 0.8, 0.7], [0.9, 0.8, 0.7]])  # R = 2, γ = 3
+    assert global_capacity(a, curve) == 6  # B = 8 <= the cliff
+    assert global_capacity(a, curve, other=4) == 2  # B = 4 + 2 + 2 = 8
+    assert greedy_lengths(a, curve, other=4).tolist() == [1, 1]
+
+
 def test_greedy_with_flat_curve_admits_everything_and_zero_admits_nothing():
     a = np.cumprod(np.full((3, 4), 0.5), axis=1)
     assert greedy_lengths(a, FLAT).tolist() == [4, 4, 4]

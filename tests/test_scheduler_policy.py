@@ -44,8 +44,8 @@ def policy():
 
 def test_snapshot_wire_format_round_trips():
     a = np.random.default_rng(0).random((5, 3))
-    round_index, back = decode_snapshot(encode_snapshot(17, a))
-    assert round_index == 17
+    round_index, back, other = decode_snapshot(encode_snapshot(17, a, 40))
+    assert (round_index, other) == (17, 40)
     np.testing.assert_allclose(back, a, rtol=1e-6)  # float32 on the wire
     with pytest.raises(ValueError):
         decode_snapshot(encode_snapshot(1, a)[:-4])

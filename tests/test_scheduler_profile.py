@@ -130,6 +130,16 @@ def parse(argv: list[str]):
     return parser.parse_args(argv)
 
 
+def test_a_busy_profile_is_made_monotone(caplog):
+    from engine.profile import monotone
+
+    assert monotone((1, 8, 64), [20.0, 15.0, 4.0]) == [20.0, 15.0, 4.0]
+    with caplog.at_level("WARNING", logger="dspark.profile"):
+        # the machine was busy at B = 1..8 (the curve the shipped cache once held)
+        got = monotone((1, 8, 64, 128, 256), [0.82, 0.81, 0.18, 0.16, 0.42])
+    assert got == [0.82, 0.81, 0.18, 0.16, 0.16] and "B = [256]" in caplog.text
+
+
 def test_parse_sizes():
     assert scheduler_cli.parse_sizes("8, 1,4,4") == (1, 4, 8)
     for bad in ("", "a,2", "0,4"):
