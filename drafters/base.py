@@ -35,6 +35,14 @@ class DraftOutput:
         out[..., self.vocab_ids] = self.probs
         return out
 
+    def verified_probs(self, lengths: list[int], vocab_size: int) -> torch.Tensor:
+        """[D, V], D = Σ lengths: p_d over the target vocabulary of the first lengths[r] drafts
+        of each request, request by request; only the rows verification reads are built."""
+        picked = torch.cat([self.probs[r, :n] for r, n in enumerate(lengths)])  # [D, Vd]
+        out = picked.new_zeros(picked.shape[0], vocab_size)
+        out[:, self.vocab_ids] = picked
+        return out
+
 
 @dataclass
 class ContextCache:

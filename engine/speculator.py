@@ -122,12 +122,11 @@ class Speculator:
                 for row, r in zip(rows, requests)]  # reserved slots, and the context limit
         other = batch.total_tokens - len(rows)  # prefill chunks and rows not drafting
         lengths = np.minimum(self.policy.lengths(conf, self.gamma, len(rows), priority, other), room)
-        full = out.full_probs(self.vocab_size)  # [R, gamma, V]
-        probs = []
+        tokens = out.tokens.tolist()  # [R][gamma]
         for i, row in enumerate(rows):
-            drafts[row] = out.tokens[i, :lengths[i]].tolist()
-            probs.append(full[i, :lengths[i]])
-        return RoundPlan(drafts, torch.cat(probs).to(self.device), rows)
+            drafts[row] = tokens[i][:lengths[i]]
+        probs = out.verified_probs(lengths.tolist(), self.vocab_size)  # [Σ l, V]
+        return RoundPlan(drafts, probs.to(self.device), rows)
 
     def _skips(self, request) -> bool:
         """Skip drafting this round (and count it as a round that verified 0)?"""
