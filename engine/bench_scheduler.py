@@ -12,9 +12,12 @@ Reported per variant: per-user tok/s (p10, median), the share of requests at or 
 aggregate tok/s, mean verification length, draft skips.
 (c) online recalibration, by replay (scheduler/replay.py): full-block rounds recorded at
 temperature 0 on held-out prompts are served through the production allocation with
-    shipped      the drafter's calibration.json (fitted on temperature-1 rounds: drifted)
+    shipped      the drafter's calibration.json (fitted on temperature-1 rounds)
     shipped+online  the same, refitted online when it drifts (RecalibrationConfig)
     identity / identity+online   raw confidences, without / with online refits
+    drifted / drifted+online     the shipped calibration with every shift raised by 1 (odds of
+                 survival ×e: what a retrained or swapped drafter under old temperatures looks
+                 like), without / with online refits
     oracle       STS fitted on the first third of the recorded rounds (it knows the traffic
                  in advance)
 Rows are shuffled (fixed seed) and split in thirds: the oracle fits on the first, every variant
@@ -118,6 +121,7 @@ def recalibration_replay(cfg: SchedulerBenchConfig) -> dict:
     runs = {"shipped": (shipped, None), "shipped+online": (shipped, online),
             "identity": (Calibration.identity(drafter.gamma), None),
             "identity+online": (Calibration.identity(drafter.gamma), online),
+            "drifted": (drifted(shipped), None), "drifted+online": (drifted(shipped), online),
             "oracle": (fit_sts(fit), None)}
     rows = {}
     for name, (calib, recal) in runs.items():
@@ -125,6 +129,14 @@ def recalibration_replay(cfg: SchedulerBenchConfig) -> dict:
         rows[name] = {**result.to_dict(), "heldout_ece": round(labelled_ece(scored, result.final), 4)}
     return {"rounds_recorded": len(data.accepted), "rounds_replayed": len(served.accepted),
             "variants": rows}
+
+
+def drifted(calibration, shift: float = 1.0):
+    """The same temperatures with every shift raised by `shift` (overconfident)."""
+    from scheduler.calibration import Calibration
+
+    base = calibration.shifts or (0.0,) * len(calibration.temperatures)
+    return Calibration(calibration.temperatures, tuple(b + shift for b in base))
 
 
 def bench_scheduler(cfg: SchedulerBenchConfig) -> dict:
@@ -154,7 +166,9 @@ def _ratios(result: dict) -> None:
         r["shipped+online"]["tokens_per_second"] / r["shipped"]["tokens_per_second"], 3)
     result["online_vs_identity_theta"] = round(
         r["identity+online"]["tokens_per_second"] / r["identity"]["tokens_per_second"], 3)
-    for base in ("shipped", "identity"):  # held-out ECE without -> with online refits
+    result["online_vs_drifted_theta"] = round(
+        r["drifted+online"]["tokens_per_second"] / r["drifted"]["tokens_per_second"], 3)
+    for base in ("shipped", "identity", "drifted"):  # held-out ECE without -> with online refits
         result[f"heldout_ece_{base}"] = [r[base]["heldout_ece"], r[f"{base}+online"]["heldout_ece"]]
 
 
@@ -178,7 +192,8 @@ def print_table(result: dict) -> None:
               f"{row['mean_verify_len']:>10.2f} {100 * row['heldout_ece']:>12.2f}% {row['refits']:>7d}")
     for key in ("skip_aggregate_ratio", "floors_p10_ratio", "floors_share_gain",
                 "noise_aggregate_ratio", "online_vs_shipped_theta", "online_vs_identity_theta",
-                "heldout_ece_shipped", "heldout_ece_identity"):
+                "online_vs_drifted_theta", "heldout_ece_shipped", "heldout_ece_identity",
+                "heldout_ece_drifted"):
         print(f"{key}: {result[key]}")
 
 
