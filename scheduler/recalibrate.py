@@ -30,8 +30,13 @@ class RecalibrationConfig:
     every: int = 512  # rows observed between drift checks
     threshold: float = 0.01  # mean per-position ECE above the noise level that triggers a refit
     min_rounds: int = 1024  # rows in the window before the first check
-    min_per_position: int = 100  # labels a position needs to count in the drift measure and
+    min_per_position: int = 300  # labels a position needs to count in the drift measure and
     #                              to be refitted (others keep their temperature and shift)
+    # served labels of a late position come only from rounds the scheduler verified that far,
+    # i.e. from its most confident blocks: a logistic fit on that truncated range extrapolates
+    # wildly (T → 0.05, b → ±2 seen on the default model), so online refits stay in a box
+    t_range: tuple[float, float] = (0.25, 4.0)
+    shift_max: float = 1.0
     grid_size: int = 81  # ECE grid of plain STS (fit_shift off), coarser than offline
 
     def __post_init__(self) -> None:
@@ -99,8 +104,10 @@ class OnlineRecalibrator:
         self.last_drift = self.drift(calibration, data)
         if self.last_drift <= self.config.threshold:
             return None
-        fitted = fit_sts(data, STSConfig(grid_size=self.config.grid_size),
-                         self.config.min_per_position, keep=calibration)
+        cfg = self.config
+        sts = STSConfig(t_min=cfg.t_range[0], t_max=cfg.t_range[1], shift_max=cfg.shift_max,
+                        grid_size=cfg.grid_size)
+        fitted = fit_sts(data, sts, cfg.min_per_position, keep=calibration)
         if self.drift(fitted, data) >= self.last_drift:
             return None
         self.refits += 1
