@@ -134,3 +134,84 @@ def test_bad_request_gets_400_with_openai_error_json(server_url):
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == "temperature"
     assert error["message"]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (Linux)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    out, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, parent in parents.items() if parent in frontier]
+        out += kids
+        frontier = kids
+    return out
+
+
+def _scheduler_pids(server_pid: int) -> list[int]:
+    pids = []
+    for pid in _descendants(server_pid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"scheduler.process" in cmd:
+            pids.append(pid)
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
+def test_killing_the_scheduler_mid_load_loses_no_request(server_url):
+    """`dspark serve` decodes with dspark + the prefix scheduler process by default. SIGKILL the
+    scheduler while 6 streams run: every stream still finishes, the engine counts the restart
+    and a new scheduler process runs."""
+    import signal
+    import threading
+
+    port = server_url.rsplit(":", 1)[1]
+    server = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+              and b"--port\0" + port.encode() + b"\0" in _cmdline(p)]
+    assert len(server) == 1
+    (old,) = _scheduler_pids(server[0])
+    results, started = [None] * 6, threading.Event()
+
+    def stream(i: int) -> None:
+        body = {"messages": [{"role": "user", "content": f"Tell me about {TOPICS[i]}."}],
+                "stream": True, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+        tokens, finish = 0, None
+        with httpx.stream("POST", f"{server_url}/v1/chat/completions", json=body, timeout=300) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    choice = json.loads(line[6:])["choices"][0]
+                    started.set()
+                    tokens += bool(choice["delta"].get("content"))
+                    finish = choice["finish_reason"] or finish
+            results[i] = (r.status_code, finish, tokens)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    assert started.wait(120)
+    os.kill(old, signal.SIGKILL)
+    for t in threads:
+        t.join(300)
+    assert all(r is not None and r[0] == 200 and r[1] == "length" and r[2] > 0 for r in results), results
+    metrics = httpx.get(f"{server_url}/metrics", timeout=30).text
+    restarts = [line for line in metrics.splitlines()
+                if line.startswith("dspark_scheduler_restarts_total ")]
+    assert restarts and float(restarts[0].split()[1]) >= 1
+    new = _scheduler_pids(server[0])
+    assert len(new) == 1 and new[0] != old
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
