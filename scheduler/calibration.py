@@ -17,8 +17,8 @@ STS fits T_1..T_γ left to right: with T_1..T_{k-1} fixed,
 A temperature only stretches logits around 0, so a confidence head that is biased (e.g. reports
 0.33 where 0.30 of its first drafts pass, measured on the shipped drafter) stays off by the bias.
 With fit_shift (the default) each position also gets a shift b_k, and (T_k, b_k) minimise the
-log loss of a[·, k] against y[·, k] (alternating 1-D grid searches, `sweeps` times; the loss is
-convex in (1/T, b) for position 1). Not the ECE: with a free shift, ECE is minimised by
+log loss of a[·, k] against y[·, k] (alternating golden-section searches over log T and b,
+`sweeps` times; the loss is convex in (1/T, b) for position 1). Not the ECE: with a free shift, ECE is minimised by
 collapsing a position to a constant at its base rate (one bin, no error, no information), which
 a proper score rules out. ECE stays the yardstick the reports and the online drift check use.
 ECE with `bins` equal-width bins over [0, 1]:
@@ -252,11 +252,10 @@ def _golden_min(f, lo: float, hi: float, iters: int = 40) -> float:
     return (a + b) / 2.0
 
 
-def _best(values: np.ndarray, errors: np.ndarray, neutral: float, log_scale: bool) -> float:
-    """The value of least error; ties go to the one nearest `neutral`."""
+def _best_temperature(temps: np.ndarray, errors: np.ndarray) -> float:
+    """The grid temperature of least error; ties go to the one nearest 1."""
     best = np.flatnonzero(errors <= errors.min() + 1e-12)
-    dist = np.abs(np.log(values[best]) - np.log(neutral)) if log_scale else np.abs(values[best] - neutral)
-    return float(values[best[np.argmin(dist)]])
+    return float(temps[best[np.argmin(np.abs(np.log(temps[best])))]])
 
 
 def best_scaling(prefix: np.ndarray, z: np.ndarray, y: np.ndarray,
@@ -269,8 +268,8 @@ def best_scaling(prefix: np.ndarray, z: np.ndarray, y: np.ndarray,
         return 1.0, 0.0
     if not config.fit_shift:
         temps = config.grid()
-        return _best(temps, _grid_errors(prefix, z[None] / temps[:, None], y, config.bins),
-                     1.0, True), 0.0
+        return _best_temperature(temps, _grid_errors(prefix, z[None] / temps[:, None], y,
+                                                      config.bins)), 0.0
     t, b = 1.0, 0.0
     for _ in range(config.sweeps):
         t = float(np.exp(_golden_min(lambda lt: _log_loss(prefix, z / np.exp(lt) + b, y),
@@ -283,8 +282,8 @@ def best_scaling(prefix: np.ndarray, z: np.ndarray, y: np.ndarray,
 def fit_sts(data: CalibrationData, config: STSConfig = STSConfig(), min_labels: int = 0,
             keep: Calibration | None = None) -> Calibration:
     """(T_k, b_k) for k = 1..γ left to right, each on the rounds that verified that position.
-    A position with fewer than min_labels such rounds is not fitted (a grid search on a
-    handful of labels lands anywhere on the grid): it keeps keep's (T_k, b_k), or (1, 0)."""
+    A position with fewer than min_labels such rounds is not fitted (a fit on a handful of
+    labels lands anywhere in the range): it keeps keep's (T_k, b_k), or (1, 0)."""
     z = np.asarray(data.logits, dtype=np.float64)  # [N, γ]
     y, known = data.labels()  # [N, γ] each
     prefix = np.ones(z.shape[0])  # [N] a_{k-1}, a_0 = 1

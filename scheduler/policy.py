@@ -90,7 +90,8 @@ class PrefixSchedulerPolicy:
         full = np.full(num_requests, gamma, dtype=np.int64)
         if confidences is None or num_requests == 0:
             return full
-        self._last_logits = logit(np.asarray(confidences, dtype=np.float64))
+        if self.recalibration is not None:  # the refit works on raw logits
+            self._last_logits = logit(np.asarray(confidences, dtype=np.float64))
         a = self.survival(confidences)  # [R, γ]
         self._last_survival = a
         t, self.round = self.round, self.round + 1

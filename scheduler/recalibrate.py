@@ -1,17 +1,18 @@
-"""Online recalibration: refit the STS temperatures when served acceptance drifts from them.
+"""Online recalibration: refit the calibration when served acceptance drifts from it.
 
-The temperatures `dspark calibrate` fits hold for the traffic they were fitted on; served
+The temperatures and shifts `dspark calibrate` fits hold for the traffic they were fitted on; served
 traffic drifts (another sampling temperature, another domain mix, a retrained drafter). The
 engine already observes every round's outcome, so the policy keeps a sliding window of the
 latest W served rounds
     z [W, γ]   raw confidence logits of the block,   acc [W], ver [W]   (as in calibration.py)
-and every `every` rounds measures how far the window's ECE under the temperatures in use exceeds
+and every `every` rows measures how far the window's ECE under the calibration in use exceeds
 what sampling noise alone would give a perfectly calibrated predictor of the same a:
     noise_k = Σ_b sqrt(2/π · Σ_{n in b} a_n (1 − a_n)) / N_k     (E|Σ_b (a − y)| for y ~ Bernoulli(a))
     drift   = mean_k max(0, ECE_k(a(T), y) − noise_k)   over positions with ≥ min_per_position labels
 (a window of a few thousand rounds has a noise ECE of 1–2% by itself, so the raw ECE would
-trigger refits of a well calibrated drafter). When drift > threshold the temperatures are refitted by STS on the window (fit_sts, the same
-grid and counting rule as offline) and kept only if they lower the window's mean ECE.
+trigger refits of a well calibrated drafter). When drift > threshold, fit_sts refits the
+window (temperatures and shifts by log loss, as offline, inside a box; positions with too few
+labels keep theirs), and the result is kept only if it lowers the drift.
 Rounds that verified ℓ < γ drafts count at positions ≤ ℓ only (prefix_labels), so the scheduler
 choosing ℓ from the confidences does not bias the refit. NumPy only.
 """
@@ -37,7 +38,6 @@ class RecalibrationConfig:
     # wildly (T → 0.05, b → ±2 seen on the default model), so online refits stay in a box
     t_range: tuple[float, float] = (0.25, 4.0)
     shift_max: float = 1.0
-    grid_size: int = 81  # ECE grid of plain STS (fit_shift off), coarser than offline
 
     def __post_init__(self) -> None:
         if not 0 < self.min_rounds <= self.window or self.every < 1 or self.threshold < 0:
@@ -63,7 +63,7 @@ class OnlineRecalibrator:
         self.size = self.next = 0  # rows held, ring position of the next row
         self.since_check = 0
         self.refits = 0
-        self.last_drift = 0.0  # window ECE under the temperatures in use at the latest check
+        self.last_drift = 0.0  # drift (above) of the calibration in use at the latest check
 
     def update(self, z: np.ndarray, accepted: np.ndarray, verified: np.ndarray) -> None:
         """z: [R, γ] raw logits of the rounds just served; accepted, verified: [R]."""
@@ -105,8 +105,7 @@ class OnlineRecalibrator:
         if self.last_drift <= self.config.threshold:
             return None
         cfg = self.config
-        sts = STSConfig(t_min=cfg.t_range[0], t_max=cfg.t_range[1], shift_max=cfg.shift_max,
-                        grid_size=cfg.grid_size)
+        sts = STSConfig(t_min=cfg.t_range[0], t_max=cfg.t_range[1], shift_max=cfg.shift_max)
         fitted = fit_sts(data, sts, cfg.min_per_position, keep=calibration)
         if self.drift(fitted, data) >= self.last_drift:
             return None
