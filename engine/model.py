@@ -19,30 +19,61 @@ from kernels.attention import AttentionBatch
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can multiply through a oneDNN-prepacked float32 copy of its weight (CPU).
+    """nn.Linear with CPU GEMM paths chosen at load (engine.model_runner picks them).
 
-    On x86 CPUs a prepacked oneDNN GEMM runs 1.3-2x faster than F.linear's for the row counts
-    a decode step has (1-64). Where bf16 is emulated (AVX2, no native bf16 instructions), a
-    bf16 GEMM is several times slower than a float32 one as soon as more than one row is
-    multiplied, while one row is bound by memory traffic, where the bf16 weight halves the bytes:
-    so inputs of up to `native_rows` rows use the model's own weight, larger ones the packed
-    float32 image of the same weight, rounded back to the model's dtype.
+    x86 CPUs without native bf16 (AVX2) multiply a bf16 weight one row at a time: 8 rows cost
+    8x one row. Two float32-compute images of the same weight avoid that:
+    - up to `half_rows` rows: fbgemm's fp16-weight GEMM over the fp16 image of w·2^k, kept only
+      where that image is exact (bf16 has 8 mantissa bits, fp16 has 11; the power of two 2^k
+      moves the matrix into fp16's exponent range). It reads half the bytes of a float32 weight:
+      measured 1.4-1.8x more steps/s at 2-16 rows on the default model, and no slower at one row.
+      y = (x @ (w·2^k)ᵀ)·2^-k + b: the same products as float32 math on w, summed in float32.
+    - beyond, or where no exact fp16 image exists: oneDNN's prepacked float32 GEMM (1.3-2x faster
+      than F.linear's for 1-64 rows).
+    Inputs of up to `native_rows` rows use the model's own weight through F.linear.
     """
 
     packed: torch.Tensor | None = None  # opaque oneDNN layout, float32
     native_rows: int = 0
+    half: torch.Tensor | None = None  # opaque fbgemm fp16 image of w * 2^half_shift
+    half_rows: int = 0
+    half_shift: int = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or x.shape[0] <= self.native_rows:
+        rows = x.shape[0]
+        if self.half is not None and self.native_rows < rows <= self.half_rows:
+            y = torch.ops.quantized.linear_dynamic_fp16(x.float().contiguous(), self.half)
+            y = y * 2.0 ** -self.half_shift
+        elif self.packed is None or rows <= self.native_rows:
             return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
-        bias = None if self.bias is None else self.bias.float()
-        y = torch.ops.mkldnn._linear_pointwise(x.float().contiguous(), self.packed, bias,
-                                               "none", [], "")
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x.float().contiguous(), self.packed, None,
+                                                   "none", [], "")
+        if self.bias is not None:
+            y = y + self.bias.float()
         return y.to(x.dtype)
 
-    def pack_for_cpu(self, native_rows: int, rows_hint: int) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().float(), rows_hint)
+    def pack_for_cpu(self, native_rows: int, rows_hint: int, half_rows: int = 0) -> None:
+        """Build the float32 image, and the fp16 one for up to `half_rows` rows when it is exact."""
+        w = self.weight.detach().float()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, rows_hint)
         self.native_rows = native_rows
+        self.half, self.half_rows, self.half_shift = None, 0, 0
+        shift = fp16_exact_shift(w) if half_rows > 0 else None
+        if shift is not None:
+            self.half = torch.ops.quantized.linear_prepack_fp16(w * 2.0 ** shift, None)
+            self.half_rows, self.half_shift = half_rows, shift
+
+
+def fp16_exact_shift(w: torch.Tensor) -> int | None:
+    """The k that puts max|w|·2^k just under fp16's largest finite value, if every element of
+    w·2^k is then exactly an fp16 number; None otherwise. w: float32, any shape."""
+    top = w.abs().max().item()
+    if not math.isfinite(top):
+        return None
+    k = 0 if top == 0 else math.floor(math.log2(torch.finfo(torch.float16).max / top))
+    scaled = w * 2.0 ** k
+    return k if torch.equal(scaled.half().float(), scaled) else None
 
 
 class Embedding(nn.Module):
@@ -191,9 +222,10 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rope = Rotary(cfg)
-        # bf16 weights on a CPU that emulates bf16: multi-token steps keep activations in
-        # float32 end to end (the GEMMs run in float32 anyway), one-token steps stay bf16.
-        self.float32_batches = False
+        # bf16 weights on a CPU that emulates bf16: steps of at least this many tokens keep
+        # activations in float32 end to end, as their GEMMs compute in float32 (see Linear);
+        # 0 = never (the model's own dtype throughout)
+        self.float32_min_rows = 0
 
     def forward(
         self,
@@ -206,8 +238,8 @@ class CausalLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns (logits [S, V] float32, hidden [T, len(capture_layers), d] or None)."""
         h = self.embed_tokens(input_ids)  # [T, d]
-        if self.float32_batches and h.shape[0] > 1:
-            h = h.float()  # emulated bf16: batched steps compute in float32 (see Linear)
+        if 0 < self.float32_min_rows <= h.shape[0]:
+            h = h.float()  # emulated bf16: the GEMMs compute in float32 (see Linear)
         rope = self.rope.tables(positions, h.dtype)
         saved = {0: h} if 0 in capture_layers else {}
         for i, layer in enumerate(self.layers):

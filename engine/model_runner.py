@@ -23,6 +23,12 @@ from kernels.attention import build_attention_batch
 
 log = logging.getLogger("dspark.engine")
 
+# rows up to which an emulated-bf16 CPU multiplies through fbgemm's fp16-weight GEMM (measured on
+# the default model, 2-core AVX2: ahead of packed float32 up to 64 rows, and up to 8 for the
+# 49152-wide LM head)
+HALF_ROWS = 64
+HALF_ROWS_HEAD = 8
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -104,7 +110,12 @@ class ModelRunner:
 
     def _prepare_cpu_kernels(self) -> torch.dtype:
         """Pick CPU GEMM paths (see engine.model.Linear); returns the KV cache dtype: float32
-        where bf16 is emulated, since bf16 SDPA is several times slower there too."""
+        where bf16 is emulated, since bf16 SDPA is several times slower there too.
+
+        Emulated bf16: every GEMM computes in float32, through the exact fp16 image of the weight
+        up to HALF_ROWS rows (HALF_ROWS_HEAD for the LM head, whose float32 GEMM overtakes
+        fbgemm's sooner) and the packed float32 one beyond. If some weight has no exact fp16
+        image, one-token steps keep the bf16 weights instead (memory-bound, half the bytes)."""
         if self.device.type != "cpu":
             return self.dtype
         emulated_bf16 = self.dtype == torch.bfloat16 and not cpu_has_native_bf16()
@@ -113,14 +124,24 @@ class ModelRunner:
         linears = [m for m in self.model.modules() if isinstance(m, Linear)]
         try:
             for module in linears:
-                module.pack_for_cpu(native_rows=1 if emulated_bf16 else 0, rows_hint=64)
-        except (RuntimeError, AttributeError) as exc:  # no oneDNN packing on this CPU build
-            log.warning("oneDNN weight packing unavailable (%s); using plain GEMMs", exc)
+                half = HALF_ROWS_HEAD if module is self.model.lm_head else HALF_ROWS
+                module.pack_for_cpu(native_rows=0, rows_hint=64,
+                                    half_rows=half if emulated_bf16 else 0)
+        except (RuntimeError, AttributeError, NotImplementedError) as exc:  # no oneDNN/fbgemm
+            log.warning("CPU weight packing unavailable (%s); using plain GEMMs", exc)
             for module in linears:
-                module.packed = None
+                module.packed = module.half = None
             return self.dtype
-        self.model.float32_batches = emulated_bf16
-        return torch.float32 if emulated_bf16 else self.dtype
+        if not emulated_bf16:
+            return self.dtype
+        all_half = all(m.half is not None for m in linears)
+        if not all_half:
+            for module in linears:
+                module.native_rows = 1
+        self.model.float32_min_rows = 1 if all_half else 2
+        log.info("emulated bf16: float32 GEMMs over %s weights", "exact fp16" if all_half
+                 else "bf16 (one token) and float32 (batches) of")
+        return torch.float32
 
     def _forward(self, step: FlatStep, capture_layers: tuple[int, ...]
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:

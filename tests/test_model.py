@@ -190,3 +190,49 @@ def test_load_rejects_a_missing_tensor(pair):
     del state["model.layers.1.mlp.down_proj.weight"]
     with pytest.raises(ValueError, match="lacks"):
         CausalLM(ours.cfg).load_hf_state_dict(state)
+
+
+def _packed_linear(weight: torch.Tensor, bias: bool, half_rows: int) -> "Linear":
+    from engine.model import Linear
+    lin = Linear(weight.shape[1], weight.shape[0], bias=bias).to(weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias:
+            lin.bias.copy_(torch.randn(weight.shape[0]).to(weight.dtype))
+    lin.pack_for_cpu(native_rows=0, rows_hint=64, half_rows=half_rows)
+    return lin
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 300.0])
+def test_fp16_image_of_bf16_weights_computes_the_float32_product(scale):
+    """bf16 weights of any magnitude have an exact fp16 image of w·2^k; through it, and through
+    the packed float32 image beyond half_rows, y equals x @ w.float()ᵀ + b (summation order
+    aside) at every row count."""
+    torch.manual_seed(0)
+    w = (torch.randn(96, 64) * scale).bfloat16()
+    lin = _packed_linear(w, bias=True, half_rows=8)
+    assert lin.half is not None and lin.half_rows == 8
+    assert (w.float().abs().max() * 2.0 ** lin.half_shift) <= torch.finfo(torch.float16).max
+    for rows in (1, 2, 8, 9, 40):  # fp16 image up to 8 rows, packed float32 beyond
+        x = torch.randn(rows, 64)
+        want = x @ w.float().t() + lin.bias.float()
+        got = lin(x)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_no_fp16_image_where_it_would_round():
+    """float32 weights (23 mantissa bits) have no exact fp16 image: the layer keeps the packed
+    float32 GEMM, exact to float32 math, at every row count; non-finite weights neither."""
+    from engine.model import fp16_exact_shift
+    torch.manual_seed(0)
+    w = torch.randn(32, 16)
+    assert fp16_exact_shift(w) is None
+    assert fp16_exact_shift(torch.zeros(4, 4)) == 0
+    assert fp16_exact_shift(torch.tensor([[1.0, float("inf")]])) is None
+    spread = torch.tensor([[2.0 ** 40, 2.0 ** -40]])  # wider than fp16's exponent range
+    assert fp16_exact_shift(spread) is None
+    lin = _packed_linear(w, bias=False, half_rows=64)
+    assert lin.half is None
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(lin(x), x @ w.t(), rtol=1e-6, atol=1e-6)
