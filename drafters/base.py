@@ -13,6 +13,7 @@ DSpark/DFlash (drafters/parallel.py) and Eagle3/MTP-1 (drafters/chain.py) implem
 """
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -20,6 +21,10 @@ import torch
 from torch import nn
 
 from drafters.config import DrafterConfig
+from drafters.vocab import SharedVocab
+from kernels.cpu_gemm import Linear
+
+log = logging.getLogger("dspark.drafters")
 
 
 @dataclass
@@ -72,6 +77,8 @@ class Drafter(ABC):
         self.device = torch.device(device)
         if self.model is not None:
             self.model.to(self.device)
+            if self.device.type == "cpu":
+                pack_for_cpu(self.model)
         self.generator = torch.Generator(device=self.device).manual_seed(0)
         return self
 
@@ -107,13 +114,21 @@ class Drafter(ABC):
         (0 = greedy). forced: [R, gamma] tokens to feed back instead of the sampled drafts
         (tests compare the cached path with training's teacher forcing)."""
         dev = self.device
-        return self._propose([self.caches[r] for r in rids], anchors.to(dev), temperatures.to(dev),
+        # an all-greedy round (known where temperatures live, the host in the engine) draws no
+        # random numbers: _propose gets None
+        temps = temperatures.to(dev) if bool(temperatures.any()) else None
+        return self._propose([self.caches[r] for r in rids], anchors.to(dev), temps,
                              None if forced is None else forced.to(dev))
 
-    def sample(self, logits: torch.Tensor, temperatures: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, logits: torch.Tensor, temperatures: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """logits: [R, Vd] -> (draft-vocab index [R], p_d [R, Vd]).
         p_d = softmax(logits / T); greedy rows (T = 0) take the argmax and report p_d one-hot.
-        Sampling is the exponential race argmax p_i / E_i, E_i ~ Exp(1)."""
+        Sampling is the exponential race argmax p_i / E_i, E_i ~ Exp(1).
+        temperatures None: every row is greedy."""
+        if temperatures is None:
+            index = logits.argmax(-1)  # [R]
+            return index, torch.zeros_like(logits).scatter_(1, index[:, None], 1.0)
         greedy = temperatures == 0  # [R]
         t = torch.where(greedy, 1.0, temperatures)[:, None]
         probs = torch.softmax(logits / t, dim=-1)  # [R, Vd]
@@ -128,7 +143,7 @@ class Drafter(ABC):
 
     @abstractmethod
     def _propose(self, caches: list[ContextCache], anchors: torch.Tensor,
-                 temperatures: torch.Tensor, forced: torch.Tensor | None) -> DraftOutput:
+                 temperatures: torch.Tensor | None, forced: torch.Tensor | None) -> DraftOutput:
         ...
 
 
@@ -152,3 +167,20 @@ def append_cache(cache: ContextCache, kv: list[tuple], ctx: torch.Tensor) -> Non
         cache.kv = [(torch.cat([k0, k1]), torch.cat([v0, v1]))
                     for (k0, v0), (k1, v1) in zip(cache.kv, kv)]
         cache.ctx = torch.cat([cache.ctx, ctx])
+
+
+def pack_for_cpu(model: nn.Module) -> None:
+    """Inference GEMMs of a drafter through CPU images (kernels/cpu_gemm.py): its own layers in
+    packed float32, the shared LM head through its exact fp16 image where there is one. Drafts
+    stay the drafter's own computation (float32 math, summation order aside)."""
+    try:
+        for module in model.modules():
+            if isinstance(module, (Linear, SharedVocab)):
+                module.pack_for_cpu()
+    except (RuntimeError, AttributeError, NotImplementedError) as exc:  # no oneDNN/fbgemm here
+        log.warning("CPU weight packing unavailable for the drafter (%s)", exc)
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.cpu = None
+            elif isinstance(module, SharedVocab):
+                module.head_gemm = None

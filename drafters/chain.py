@@ -20,6 +20,7 @@ from drafters.config import DrafterConfig
 from drafters.layers import DraftLayer, FeatureFusion, Group, RMSNorm
 from drafters.packing import PackedBatch
 from drafters.vocab import SharedVocab
+from kernels.cpu_gemm import Linear
 
 
 class ChainDrafterModel(nn.Module):
@@ -32,7 +33,7 @@ class ChainDrafterModel(nn.Module):
         self.fusion = FeatureFusion(cfg)
         self.embed_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.state_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.w_in = nn.Linear(2 * d, d, bias=False)
+        self.w_in = Linear(2 * d, d, bias=False)
         self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
 
@@ -118,7 +119,7 @@ class ChainDrafter(Drafter):
         append_cache(cache, kv, ctx)
 
     def _propose(self, caches: list[ContextCache], anchors: torch.Tensor,
-                 temperatures: torch.Tensor, forced: torch.Tensor | None) -> DraftOutput:
+                 temperatures: torch.Tensor | None, forced: torch.Tensor | None) -> DraftOutput:
         model, r_all = self.model, len(caches)
         ctx_kv, rows = cat_caches(caches, len(model.layers))
         total = sum(c.length for c in caches)

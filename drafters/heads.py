@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from drafters.config import DrafterConfig
+from kernels.cpu_gemm import Linear
 
 
 class SequentialHead(nn.Module):
@@ -25,11 +26,11 @@ class SequentialHead(nn.Module):
         self.kind = cfg.head
         self.rank = r
         self.w1 = nn.Embedding(cfg.draft_vocab + 1, r)
-        self.w2 = nn.Linear(r, cfg.draft_vocab, bias=False)
+        self.w2 = Linear(r, cfg.draft_vocab, bias=False)
         nn.init.zeros_(self.w2.weight)  # starts as the plain backbone: B_k = 0
         if self.kind == "rnn":
-            self.cell = nn.Linear(2 * r + d, 3 * r)
-        self.confidence = nn.Linear(d + r, 1)
+            self.cell = Linear(2 * r + d, 3 * r)
+        self.confidence = Linear(d + r, 1)
 
     def initial_state(self, n: int, like: torch.Tensor) -> torch.Tensor:
         return like.new_zeros(n, self.rank)  # s_0 = 0 (unused by the Markov head)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from drafters.config import DrafterConfig
+from kernels.cpu_gemm import Linear
 
 
 class RMSNorm(nn.Module):
@@ -56,12 +57,12 @@ class DraftLayer(nn.Module):
         d, hd = cfg.hidden_size, cfg.head_dim
         self.cfg = cfg
         self.input_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=False)
-        self.kv_proj = nn.Linear(d, 2 * cfg.num_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        self.q_proj = Linear(d, cfg.num_heads * hd, bias=False)
+        self.kv_proj = Linear(d, 2 * cfg.num_kv_heads * hd, bias=False)
+        self.o_proj = Linear(cfg.num_heads * hd, d, bias=False)
         self.post_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.gate_up = nn.Linear(d, 2 * cfg.intermediate_size, bias=False)
-        self.down = nn.Linear(cfg.intermediate_size, d, bias=False)
+        self.gate_up = Linear(d, 2 * cfg.intermediate_size, bias=False)
+        self.down = Linear(cfg.intermediate_size, d, bias=False)
 
     def kv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (rotated) and values of already-normalised inputs x: [N, d] -> 2 x [N, Hkv, D]."""
@@ -105,7 +106,7 @@ class FeatureFusion(nn.Module):
     def __init__(self, cfg: DrafterConfig) -> None:
         super().__init__()
         n = len(cfg.feature_layers)
-        self.fc = nn.Linear(n * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.fc = Linear(n * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

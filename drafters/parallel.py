@@ -102,7 +102,7 @@ class ParallelDrafter(Drafter):
         append_cache(cache, [layer.kv(ctx, positions) for layer in self.model.layers], ctx)
 
     def _propose(self, caches: list[ContextCache], anchors: torch.Tensor,
-                 temperatures: torch.Tensor, forced: torch.Tensor | None) -> DraftOutput:
+                 temperatures: torch.Tensor | None, forced: torch.Tensor | None) -> DraftOutput:
         g, model = self.gamma, self.model
         ctx_kv, rows = cat_caches(caches, len(model.layers))
         groups = [Group(slice(r * g, (r + 1) * g), rows[r], None) for r in range(len(caches))]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.cpu_gemm import CpuGemm
+
 
 class SharedVocab(nn.Module):
     def __init__(self, embedding: torch.Tensor, lm_head: torch.Tensor, vocab_ids: torch.Tensor) -> None:
@@ -22,6 +24,12 @@ class SharedVocab(nn.Module):
         to_draft = torch.full((embedding.shape[0],), len(vocab_ids), dtype=torch.long)
         to_draft[vocab_ids] = torch.arange(len(vocab_ids))
         self.register_buffer("to_draft", to_draft, persistent=False)  # [V], Vd = not drafted
+        self.head_gemm: CpuGemm | None = None  # inference on a CPU (pack_for_cpu)
+
+    def pack_for_cpu(self, half_rows: int = 64) -> None:
+        """Multiply the head through CPU GEMM images (kernels/cpu_gemm.py) when no gradient is
+        wanted: exact fp16 where the target's weights allow (bf16 targets do), float32 else."""
+        self.head_gemm = CpuGemm(self.lm_head, half_rows=half_rows)
 
     @property
     def size(self) -> int:
@@ -33,6 +41,8 @@ class SharedVocab(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] -> [..., Vd] draft-vocabulary logits."""
+        if self.head_gemm is not None and not torch.is_grad_enabled() and hidden.device.type == "cpu":
+            return self.head_gemm(hidden)
         return hidden @ self.lm_head.T
 
 

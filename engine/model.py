@@ -16,64 +16,7 @@ from torch import nn
 from engine.config import ModelConfig
 from kernels import paged_attention, store_kv  # Triton on CUDA, the torch reference elsewhere
 from kernels.attention import AttentionBatch
-
-
-class Linear(nn.Linear):
-    """nn.Linear with CPU GEMM paths chosen at load (engine.model_runner picks them).
-
-    x86 CPUs without native bf16 (AVX2) multiply a bf16 weight one row at a time: 8 rows cost
-    8x one row. Two float32-compute images of the same weight avoid that:
-    - up to `half_rows` rows: fbgemm's fp16-weight GEMM over the fp16 image of w·2^k, kept only
-      where that image is exact (bf16 has 8 mantissa bits, fp16 has 11; the power of two 2^k
-      moves the matrix into fp16's exponent range). It reads half the bytes of a float32 weight:
-      measured 1.4-1.8x more steps/s at 2-16 rows on the default model, and no slower at one row.
-      y = (x @ (w·2^k)ᵀ)·2^-k + b: the same products as float32 math on w, summed in float32.
-    - beyond, or where no exact fp16 image exists: oneDNN's prepacked float32 GEMM (1.3-2x faster
-      than F.linear's for 1-64 rows).
-    Inputs of up to `native_rows` rows use the model's own weight through F.linear.
-    """
-
-    packed: torch.Tensor | None = None  # opaque oneDNN layout, float32
-    native_rows: int = 0
-    half: torch.Tensor | None = None  # opaque fbgemm fp16 image of w * 2^half_shift
-    half_rows: int = 0
-    half_shift: int = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        if self.half is not None and self.native_rows < rows <= self.half_rows:
-            y = torch.ops.quantized.linear_dynamic_fp16(x.float().contiguous(), self.half)
-            y = y * 2.0 ** -self.half_shift
-        elif self.packed is None or rows <= self.native_rows:
-            return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
-        else:
-            y = torch.ops.mkldnn._linear_pointwise(x.float().contiguous(), self.packed, None,
-                                                   "none", [], "")
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype)
-
-    def pack_for_cpu(self, native_rows: int, rows_hint: int, half_rows: int = 0) -> None:
-        """Build the float32 image, and the fp16 one for up to `half_rows` rows when it is exact."""
-        w = self.weight.detach().float()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, rows_hint)
-        self.native_rows = native_rows
-        self.half, self.half_rows, self.half_shift = None, 0, 0
-        shift = fp16_exact_shift(w) if half_rows > 0 else None
-        if shift is not None:
-            self.half = torch.ops.quantized.linear_prepack_fp16(w * 2.0 ** shift, None)
-            self.half_rows, self.half_shift = half_rows, shift
-
-
-def fp16_exact_shift(w: torch.Tensor) -> int | None:
-    """The k that puts max|w|·2^k just under fp16's largest finite value, if every element of
-    w·2^k is then exactly an fp16 number; None otherwise. w: float32, any shape."""
-    top = w.abs().max().item()
-    if not math.isfinite(top):
-        return None
-    k = 0 if top == 0 else math.floor(math.log2(torch.finfo(torch.float16).max / top))
-    scaled = w * 2.0 ** k
-    return k if torch.equal(scaled.half().float(), scaled) else None
+from kernels.cpu_gemm import Linear
 
 
 class Embedding(nn.Module):

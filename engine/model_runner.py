@@ -17,7 +17,8 @@ from engine.batcher import ScheduledBatch
 from engine.config import EngineConfig, ModelConfig
 from engine.cuda_graphs import FlatStep, GraphConfig, GraphRunner
 from engine.kv_cache import blocks_for
-from engine.model import CausalLM, Linear
+from engine.model import CausalLM
+from kernels.cpu_gemm import Linear
 from engine.sampler import sample
 from kernels.attention import build_attention_batch
 
@@ -109,7 +110,7 @@ class ModelRunner:
         self.graphs = GraphRunner(self.model, self.kv_caches, cfg, self.block_size, self.device)
 
     def _prepare_cpu_kernels(self) -> torch.dtype:
-        """Pick CPU GEMM paths (see engine.model.Linear); returns the KV cache dtype: float32
+        """Pick CPU GEMM paths (see kernels/cpu_gemm.py); returns the KV cache dtype: float32
         where bf16 is emulated, since bf16 SDPA is several times slower there too.
 
         Emulated bf16: every GEMM computes in float32, through the exact fp16 image of the weight
@@ -130,11 +131,11 @@ class ModelRunner:
         except (RuntimeError, AttributeError, NotImplementedError) as exc:  # no oneDNN/fbgemm
             log.warning("CPU weight packing unavailable (%s); using plain GEMMs", exc)
             for module in linears:
-                module.packed = module.half = None
+                module.cpu = None
             return self.dtype
         if not emulated_bf16:
             return self.dtype
-        all_half = all(m.half is not None for m in linears)
+        all_half = all(m.cpu.half is not None for m in linears)
         if not all_half:
             for module in linears:
                 module.native_rows = 1

@@ -50,15 +50,21 @@ class RejectionOutput:
     num_accepted: torch.Tensor  # [R] long, accepted draft tokens (0..ℓ_r)
 
 
-def draw_round_randoms(generators: Sequence[torch.Generator], gamma: int, vocab_size: int,
+def draw_round_randoms(generators: Sequence[torch.Generator | None], gamma: int, vocab_size: int,
                        device: torch.device) -> RoundRandoms:
     """Each request's row from its own generator (on the generator's device), a fixed amount
-    per round whatever ℓ_r, so a seeded request's stream does not depend on its companions."""
+    per round whatever ℓ_r, so a seeded request's stream does not depend on its companions.
+    None marks a greedy request: it needs no random numbers (see the module docstring), so its
+    row is constant (u = 0, E = 1) and nothing is drawn."""
     if not generators:
         return RoundRandoms(torch.empty(0, gamma, device=device),
                             torch.empty(0, vocab_size, device=device))
     uniforms, exponentials = [], []
     for g in generators:
+        if g is None:
+            uniforms.append(torch.zeros(gamma, device=device))
+            exponentials.append(torch.ones(vocab_size, device=device))
+            continue
         uniforms.append(torch.rand(gamma, generator=g, device=g.device))  # [γ]
         exponentials.append(torch.empty(vocab_size, device=g.device).exponential_(generator=g))
     return RoundRandoms(torch.stack(uniforms).to(device), torch.stack(exponentials).to(device))

@@ -39,6 +39,7 @@ class SamplingTensors:
     top_k: torch.Tensor  # [N] long; 0 = off
     top_p: torch.Tensor  # [N] float32; 1.0 = off
     needs_sort: bool  # some row has top-k or top-p (known on the host: no device sync)
+    all_greedy: bool = False  # every row is greedy (known on the host)
 
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams], device: torch.device) -> SamplingTensors:
@@ -48,12 +49,16 @@ class SamplingTensors:
                                      device=device),
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
             top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            needs_sort=any(p.top_k > 0 or p.top_p < 1.0 for p in params))
+            needs_sort=any(p.top_k > 0 or p.top_p < 1.0 for p in params),
+            all_greedy=all(p.temperature == 0 for p in params))
 
 
 def filtered_probs_batch(logits: torch.Tensor, controls: SamplingTensors) -> torch.Tensor:
     """logits: [N, V] float32 -> probabilities [N, V] after temperature, top-k and top-p, row by
     row; a greedy row (temperature 0) is the one-hot of its argmax, the limit T -> 0."""
+    one_hot = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    if controls.all_greedy:
+        return one_hot
     greedy = controls.temperature == 0  # [N]
     scaled = logits / torch.where(greedy, 1.0, controls.temperature)[:, None]  # [N, V]
     if controls.needs_sort:
@@ -62,7 +67,6 @@ def filtered_probs_batch(logits: torch.Tensor, controls: SamplingTensors) -> tor
     probs = torch.softmax(scaled, dim=-1)  # [N, V]
     if controls.needs_sort:
         probs = _top_p(probs, order, controls.top_p)
-    one_hot = torch.zeros_like(probs).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
     return torch.where(greedy[:, None], one_hot, probs)
 
 

@@ -162,7 +162,8 @@ class Speculator:
         num_drafts = torch.tensor([len(plan.drafts[r]) for r in due], device=logits.device)
         tokens = torch.tensor([t for r in due for t in plan.drafts[r]], dtype=torch.long,
                               device=logits.device)
-        randoms = draw_round_randoms([request_generator(r, self.device) for r in requests],
+        randoms = draw_round_randoms([None if r.params.greedy else request_generator(r, self.device)
+                                      for r in requests],
                                      self.gamma, self.vocab_size, logits.device)
         out = rejection_sample(p_t, plan.draft_probs, tokens, num_drafts, randoms)
         stops = StopTokens.from_sets([self._stop_ids(r.params) for r in requests], logits.device)

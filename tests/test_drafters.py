@@ -14,6 +14,7 @@ from drafters.losses import DSPARK_LOSS, CE_LOSS, drafter_loss, position_weights
 from drafters.packing import pack, valid_anchors
 from drafters.registry import build_drafter, load_drafter, save_drafter
 from drafters.vocab import SharedVocab
+from kernels.cpu_gemm import Linear
 
 V, D, N_FEAT = 61, 32, 3
 
@@ -59,11 +60,18 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 0.1) + (p.dim() == 1))
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "cpu-packed"])
 @pytest.mark.parametrize("method,head", CASES)
-def test_training_path_equals_cached_inference(method: str, head: str) -> None:
+def test_training_path_equals_cached_inference(method: str, head: str, packed: bool) -> None:
+    """cpu-packed: the engine's drafter (Drafter.to on a CPU) multiplies through packed GEMM
+    images (kernels/cpu_gemm.py); training's autograd path never does."""
     torch.manual_seed(0)
     drafter = build_drafter(tiny_config(method, head), tiny_vocab())
     randomize(drafter.model, 1)
+    if packed:
+        drafter.to("cpu")
+        assert all(m.cpu is not None for m in drafter.model.modules() if isinstance(m, Linear))
+        assert drafter.model.vocab.head_gemm is not None
     seqs = [tiny_sequence(0, 23, 5, 1), tiny_sequence(1, 17, 3, 2), tiny_sequence(2, 30, 9, 3)]
     batch = pack(seqs, drafter.gamma, anchors_per_seq=4, rng=random.Random(0))
     with torch.no_grad():

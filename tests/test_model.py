@@ -12,6 +12,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
 
 from engine.config import ModelConfig
 from engine.model import CausalLM
+from kernels.cpu_gemm import Linear, fp16_exact_shift
 from kernels.attention import build_attention_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -192,8 +193,7 @@ def test_load_rejects_a_missing_tensor(pair):
         CausalLM(ours.cfg).load_hf_state_dict(state)
 
 
-def _packed_linear(weight: torch.Tensor, bias: bool, half_rows: int) -> "Linear":
-    from engine.model import Linear
+def _packed_linear(weight: torch.Tensor, bias: bool, half_rows: int) -> Linear:
     lin = Linear(weight.shape[1], weight.shape[0], bias=bias).to(weight.dtype)
     with torch.no_grad():
         lin.weight.copy_(weight)
@@ -211,12 +211,13 @@ def test_fp16_image_of_bf16_weights_computes_the_float32_product(scale):
     torch.manual_seed(0)
     w = (torch.randn(96, 64) * scale).bfloat16()
     lin = _packed_linear(w, bias=True, half_rows=8)
-    assert lin.half is not None and lin.half_rows == 8
-    assert (w.float().abs().max() * 2.0 ** lin.half_shift) <= torch.finfo(torch.float16).max
+    assert lin.cpu.half is not None and lin.cpu.half_rows == 8
+    assert (w.float().abs().max() * 2.0 ** lin.cpu.half_shift) <= torch.finfo(torch.float16).max
     for rows in (1, 2, 8, 9, 40):  # fp16 image up to 8 rows, packed float32 beyond
         x = torch.randn(rows, 64)
         want = x @ w.float().t() + lin.bias.float()
-        got = lin(x)
+        with torch.inference_mode():
+            got = lin(x)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
 
@@ -224,7 +225,6 @@ def test_fp16_image_of_bf16_weights_computes_the_float32_product(scale):
 def test_no_fp16_image_where_it_would_round():
     """float32 weights (23 mantissa bits) have no exact fp16 image: the layer keeps the packed
     float32 GEMM, exact to float32 math, at every row count; non-finite weights neither."""
-    from engine.model import fp16_exact_shift
     torch.manual_seed(0)
     w = torch.randn(32, 16)
     assert fp16_exact_shift(w) is None
@@ -233,6 +233,18 @@ def test_no_fp16_image_where_it_would_round():
     spread = torch.tensor([[2.0 ** 40, 2.0 ** -40]])  # wider than fp16's exponent range
     assert fp16_exact_shift(spread) is None
     lin = _packed_linear(w, bias=False, half_rows=64)
-    assert lin.half is None
+    assert lin.cpu.half is None
     x = torch.randn(3, 16)
-    torch.testing.assert_close(lin(x), x @ w.t(), rtol=1e-6, atol=1e-6)
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), x @ w.t(), rtol=1e-6, atol=1e-6)
+
+
+def test_packed_linear_trains_through_its_own_weight():
+    """With gradients on (drafter training), a packed Linear is a plain nn.Linear: the images
+    are for inference only, and the weight's gradient is x's contribution, as F.linear gives."""
+    torch.manual_seed(0)
+    lin = _packed_linear(torch.randn(8, 4).bfloat16().float(), bias=False, half_rows=64)
+    assert lin.cpu.half is not None
+    x = torch.randn(3, 4)
+    lin(x).sum().backward()
+    torch.testing.assert_close(lin.weight.grad, torch.ones(8, 3) @ x)

@@ -93,15 +93,22 @@ def test_nobody_drafted_gives_one_sample_per_request():
     assert as_lists(out) == walk(target, draft, ids, ell, randoms)
 
 
+@pytest.mark.parametrize("drawn", [True, False], ids=["drawn", "greedy-constant"])
 @pytest.mark.parametrize("seed", range(3))
-def test_greedy_is_the_argmax_prefix_rule(seed):
+def test_greedy_is_the_argmax_prefix_rule(seed, drawn):
     """Temperature-0 target rows are one-hot: accept while x_k == argmax, then emit the argmax,
-    whatever the draft distributions and the random numbers."""
+    whatever the draft distributions and the random numbers: drawn ones, or the constant row
+    draw_round_randoms gives a greedy request (generator None) without drawing anything."""
     g = torch.Generator().manual_seed(seed)
     num_drafts, vocab = [0, 1, 3, 5, 5, 2], 30
     logits = torch.randn(sum(num_drafts) + len(num_drafts), vocab, generator=g)  # [T, V]
     greedy = SamplingTensors.from_params([SamplingParams(temperature=0.0)] * logits.shape[0], CPU)
+    assert greedy.all_greedy
     target = filtered_probs_batch(logits, greedy)
+    mixed = SamplingTensors.from_params([SamplingParams(temperature=0.0)] * (logits.shape[0] - 1)
+                                        + [SamplingParams(temperature=1.0)], CPU)
+    assert not mixed.all_greedy
+    assert torch.equal(filtered_probs_batch(logits, mixed)[:-1], target[:-1])
     best, ids, t = logits.argmax(-1), [], 0
     for ell in num_drafts:  # drafts that agree with the argmax 70% of the time
         for k in range(ell):
@@ -109,8 +116,9 @@ def test_greedy_is_the_argmax_prefix_rule(seed):
             ids.append(int(best[t + k]) if agree else int(torch.randint(vocab, (1,), generator=g)))
         t += ell + 1
     draft = torch.softmax(torch.randn(len(ids), vocab, generator=g), -1)  # soft: ignored
-    out = rejection_sample(target, draft, torch.tensor(ids), torch.tensor(num_drafts),
-                           random_randoms(len(num_drafts), 5, vocab, seed=seed))
+    randoms = (random_randoms(len(num_drafts), 5, vocab, seed=seed) if drawn else
+               draw_round_randoms([None] * len(num_drafts), 5, vocab, CPU))
+    out = rejection_sample(target, draft, torch.tensor(ids), torch.tensor(num_drafts), randoms)
     expected, t, d = [], 0, 0
     for ell in num_drafts:
         n = 0
