@@ -101,6 +101,21 @@ class Drafter(ABC):
         if tokens.shape[0]:
             self._extend(self.caches[rid], tokens.to(self.device), features.to(self.device))
 
+    @torch.no_grad()
+    def extend_many(self, rids: list[str], tokens: list[torch.Tensor], features: torch.Tensor) -> None:
+        """extend() for several requests in one call: tokens[i] [m_i] for rids[i]; features
+        [Σ m_i, n_layers, d], request by request (m_i may be 0)."""
+        keep = [i for i, t in enumerate(tokens) if t.shape[0]]
+        if keep:
+            self._extend_many([self.caches[rids[i]] for i in keep],
+                              [tokens[i].to(self.device) for i in keep], features.to(self.device))
+
+    def _extend_many(self, caches: list[ContextCache], tokens: list[torch.Tensor],
+                     features: torch.Tensor) -> None:
+        """Default: one request at a time (drafters whose context pass batches override it)."""
+        for cache, t, f in zip(caches, tokens, features.split([t.shape[0] for t in tokens])):
+            self._extend(cache, t, f)
+
     def rollback(self, rid: str, num_tokens: int) -> None:
         cache = self.caches[rid]
         if num_tokens < cache.length:

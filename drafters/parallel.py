@@ -97,9 +97,20 @@ class ParallelDrafter(Drafter):
     """Drafter interface over ParallelDrafterModel: one backbone pass, then the head per position."""
 
     def _extend(self, cache: ContextCache, tokens: torch.Tensor, features: torch.Tensor) -> None:
-        positions = torch.arange(cache.length, cache.length + tokens.shape[0], device=tokens.device)
-        ctx = self.model.fusion(features)  # [m, d]
-        append_cache(cache, [layer.kv(ctx, positions) for layer in self.model.layers], ctx)
+        self._extend_many([cache], [tokens], features)
+
+    def _extend_many(self, caches: list[ContextCache], tokens: list[torch.Tensor],
+                     features: torch.Tensor) -> None:
+        """Context entries are per token (fusion, then each layer's k/v): one pass for all."""
+        sizes = [t.shape[0] for t in tokens]
+        positions = torch.cat([torch.arange(c.length, c.length + m) for c, m in zip(caches, sizes)])
+        ctx = self.model.fusion(features)  # [Σm, d]
+        kv = [layer.kv(ctx, positions.to(ctx.device)) for layer in self.model.layers]  # 2 x [Σm, Hkv, D]
+        start = 0
+        for cache, m in zip(caches, sizes):
+            rows = slice(start, start + m)
+            append_cache(cache, [(k[rows], v[rows]) for k, v in kv], ctx[rows])
+            start += m
 
     def _propose(self, caches: list[ContextCache], anchors: torch.Tensor,
                  temperatures: torch.Tensor | None, forced: torch.Tensor | None) -> DraftOutput:

@@ -117,6 +117,7 @@ class ModelRunner:
         up to HALF_ROWS rows (HALF_ROWS_HEAD for the LM head, whose float32 GEMM overtakes
         fbgemm's sooner) and the packed float32 one beyond. If some weight has no exact fp16
         image, one-token steps keep the bf16 weights instead (memory-bound, half the bytes)."""
+        self.cpu_gemms = ""  # which CPU GEMM images run (throughput curves are cached per path)
         if self.device.type != "cpu":
             return self.dtype
         emulated_bf16 = self.dtype == torch.bfloat16 and not cpu_has_native_bf16()
@@ -133,6 +134,7 @@ class ModelRunner:
             for module in linears:
                 module.cpu = None
             return self.dtype
+        self.cpu_gemms = "f32-packed"
         if not emulated_bf16:
             return self.dtype
         all_half = all(m.cpu.half is not None for m in linears)
@@ -140,6 +142,7 @@ class ModelRunner:
             for module in linears:
                 module.native_rows = 1
         self.model.float32_min_rows = 1 if all_half else 2
+        self.cpu_gemms = "fp16-exact+f32-packed" if all_half else "bf16-row+f32-packed"
         log.info("emulated bf16: float32 GEMMs over %s weights", "exact fp16" if all_half
                  else "bf16 (one token) and float32 (batches) of")
         return torch.float32

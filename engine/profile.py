@@ -70,7 +70,8 @@ def hardware_string(device: torch.device, graphs: bool = False) -> str:
 
 def model_string(core, config: ProfileConfig) -> str:
     runner = core.runner
-    return (f"{core.model_cfg.name} {str(runner.dtype).removeprefix('torch.')} "
+    gemms = f" gemm={runner.cpu_gemms}" if getattr(runner, "cpu_gemms", "") else ""
+    return (f"{core.model_cfg.name} {str(runner.dtype).removeprefix('torch.')}{gemms} "
             f"gamma={config.gamma} context={config.context}")
 
 

@@ -200,11 +200,15 @@ class Speculator:
                accepted: list[int]) -> None:
         """Extend every request's drafter context with the rows the target keeps (before the
         engine advances num_computed_tokens)."""
+        rids, tokens, rows = [], [], []
         row0 = 0
         for row, (request, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
             keep = n + accepted[row]
             start = request.num_computed_tokens
-            tokens = request.token_ids(start, start + n) + plan.drafts[row][:accepted[row]]
-            self.drafter.extend(request.request_id, torch.tensor(tokens),
-                                hidden[row0:row0 + keep].float())  # moved to the drafter's device
+            rids.append(request.request_id)
+            ids = request.token_ids(start, start + n) + plan.drafts[row][:accepted[row]]
+            tokens.append(torch.tensor(ids, dtype=torch.long))
+            rows.extend(range(row0, row0 + keep))
             row0 += n + len(plan.drafts[row])
+        kept = hidden[torch.tensor(rows, device=hidden.device)].float()  # [Σ keep, n_layers, d]
+        self.drafter.extend_many(rids, tokens, kept)  # moved to the drafter's device

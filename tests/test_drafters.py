@@ -118,6 +118,36 @@ def test_batched_proposals_equal_one_at_a_time(method: str, head: str) -> None:
         assert torch.equal(alone.tokens[0], together.tokens[i])
 
 
+
+@pytest.mark.parametrize("method,head", CASES)
+def test_extend_many_equals_one_request_at_a_time(method: str, head: str) -> None:
+    """The engine's commit extends every request in one call (empty ones included); the caches
+    and the next proposals equal those of per-request extends."""
+    drafter = build_drafter(tiny_config(method, head), tiny_vocab())
+    randomize(drafter.model, 3)
+    seqs = [tiny_sequence(i, 10 + 4 * i, 2, 20 + i) for i in range(3)]
+    for i, s in enumerate(seqs):
+        for rid in (f"one{i}", f"many{i}"):
+            drafter.add(rid)
+            drafter.extend(rid, s.tokens[:5], s.features[:5])
+    for i, s in enumerate(seqs):
+        drafter.extend(f"one{i}", s.tokens[5:-1], s.features[5:-1])
+    empty = torch.zeros(0, dtype=torch.long)
+    drafter.extend_many(["many0", "many1", "many2", "many0"],
+                        [seqs[0].tokens[5:-1], seqs[1].tokens[5:-1], seqs[2].tokens[5:-1], empty],
+                        torch.cat([s.features[5:-1] for s in seqs]))
+    anchors = torch.stack([s.tokens[-1] for s in seqs])
+    for i in range(3):
+        one, many = drafter.caches[f"one{i}"], drafter.caches[f"many{i}"]
+        assert one.length == many.length == len(seqs[i].tokens) - 1
+        torch.testing.assert_close(many.ctx, one.ctx)
+        for (k1, v1), (k2, v2) in zip(one.kv, many.kv):
+            torch.testing.assert_close(k2, k1)
+            torch.testing.assert_close(v2, v1)
+    alone = drafter.propose(["one0", "one1", "one2"], anchors, torch.zeros(3))
+    batched = drafter.propose(["many0", "many1", "many2"], anchors, torch.zeros(3))
+    assert torch.equal(alone.tokens, batched.tokens)
+
 def test_rollback_restores_the_shorter_context() -> None:
     drafter = build_drafter(tiny_config("eagle3"), tiny_vocab())
     randomize(drafter.model, 3)
