@@ -73,7 +73,9 @@ class Drafter(ABC):
 
     def to(self, device: torch.device | str) -> Drafter:
         """Move the model and the draft sampler to `device` (the engine's: the drafter runs
-        beside the target). Context caches are built there from now on; call it before any."""
+        beside the target). Context caches are built there from now on; call it before any.
+        On a CPU this also builds inference GEMM images of the current weights (call it again
+        after changing them; training, which runs with gradients, never uses the images)."""
         self.device = torch.device(device)
         if self.model is not None:
             self.model.to(self.device)
