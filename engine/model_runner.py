@@ -18,9 +18,9 @@ from engine.config import EngineConfig, ModelConfig
 from engine.cuda_graphs import FlatStep, GraphConfig, GraphRunner
 from engine.kv_cache import blocks_for
 from engine.model import CausalLM
-from kernels.cpu_gemm import Linear
 from engine.sampler import sample
 from kernels.attention import build_attention_batch
+from kernels.cpu_gemm import Linear
 
 log = logging.getLogger("dspark.engine")
 

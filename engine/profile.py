@@ -70,7 +70,7 @@ def hardware_string(device: torch.device, graphs: bool = False) -> str:
 
 def model_string(core, config: ProfileConfig) -> str:
     runner = core.runner
-    gemms = f" gemm={runner.cpu_gemms}" if getattr(runner, "cpu_gemms", "") else ""
+    gemms = f" gemm={runner.cpu_gemms}" if runner.cpu_gemms else ""
     return (f"{core.model_cfg.name} {str(runner.dtype).removeprefix('torch.')}{gemms} "
             f"gamma={config.gamma} context={config.context}")
 
