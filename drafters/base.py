@@ -79,8 +79,7 @@ class Drafter(ABC):
         self.device = torch.device(device)
         if self.model is not None:
             self.model.to(self.device)
-            if self.device.type == "cpu":
-                pack_for_cpu(self.model)
+            set_cpu_gemms(self.model, self.device.type == "cpu")
         self.generator = torch.Generator(device=self.device).manual_seed(0)
         return self
 
@@ -186,16 +185,19 @@ def append_cache(cache: ContextCache, kv: list[tuple], ctx: torch.Tensor) -> Non
         cache.ctx = torch.cat([cache.ctx, ctx])
 
 
-def pack_for_cpu(model: nn.Module) -> None:
-    """Inference GEMMs of a drafter through CPU images (kernels/cpu_gemm.py): its own layers in
-    packed float32, the shared LM head through its exact fp16 image where there is one. Drafts
-    stay the drafter's own computation (float32 math, summation order aside)."""
+def set_cpu_gemms(model: nn.Module, on: bool) -> None:
+    """Inference GEMMs of a drafter through CPU images (kernels/cpu_gemm.py) when `on`: its own
+    layers in packed float32, the shared LM head through its exact fp16 image where there is
+    one. Drafts stay the drafter's own computation (float32 math, summation order aside).
+    Off (or where this torch build cannot pack): plain GEMMs on the model's own weights."""
     try:
         for module in model.modules():
-            if isinstance(module, (Linear, SharedVocab)):
+            if on and isinstance(module, (Linear, SharedVocab)):
                 module.pack_for_cpu()
     except (RuntimeError, AttributeError, NotImplementedError) as exc:  # no oneDNN/fbgemm here
         log.warning("CPU weight packing unavailable for the drafter (%s)", exc)
+        on = False
+    if not on:
         for module in model.modules():
             if isinstance(module, Linear):
                 module.cpu = None

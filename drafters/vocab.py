@@ -41,7 +41,7 @@ class SharedVocab(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] -> [..., Vd] draft-vocabulary logits."""
-        if self.head_gemm is not None and not torch.is_grad_enabled() and hidden.device.type == "cpu":
+        if self.head_gemm is not None and not torch.is_grad_enabled():
             return self.head_gemm(hidden)
         return hidden @ self.lm_head.T
 

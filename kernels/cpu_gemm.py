@@ -64,8 +64,8 @@ class Linear(nn.Linear):
     native_rows: int = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // max(x.shape[-1], 1)
-        if self.cpu is None or rows <= self.native_rows or torch.is_grad_enabled():
+        if (self.cpu is None or torch.is_grad_enabled()
+                or x.numel() <= self.native_rows * x.shape[-1]):  # rows <= native_rows
             return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
         y = self.cpu(x)
         if self.bias is not None:

@@ -241,3 +241,15 @@ def test_packing_respects_supervision_and_sequence_ends() -> None:
                 assert int(batch.labels[b, k]) == int(seqs[s].tokens[a + k + 1])
                 assert int(batch.prev[b, k]) == int(seqs[s].tokens[a + k])
     assert position_weights(3, 4.0)[0] == 1.0
+
+
+def test_cpu_gemm_images_only_while_on_a_cpu() -> None:
+    """Drafter.to(cpu) builds the inference images; moving elsewhere drops them, so no stale
+    CPU image serves a drafter whose weights now live on another device."""
+    from drafters.base import set_cpu_gemms
+    drafter = build_drafter(tiny_config("dspark", "markov"), tiny_vocab()).to("cpu")
+    linears = [m for m in drafter.model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.cpu is not None for m in linears)
+    assert drafter.model.vocab.head_gemm is not None
+    set_cpu_gemms(drafter.model, on=False)  # what Drafter.to does for a non-CPU device
+    assert all(m.cpu is None for m in linears) and drafter.model.vocab.head_gemm is None
