@@ -199,6 +199,17 @@ def test_config_is_validated():
 
 # ---- plugged into the engine -------------------------------------------------------------------
 @pytest.mark.usefixtures("one_torch_thread")
+class SettledPolicy(PrefixSchedulerPolicy):
+    """Waits for each round's answer before the engine goes on, so every capacity comes from
+    snapshot t − 2 whatever the machine's load (the engine's own policy never waits)."""
+
+    def lengths(self, *args, **kwargs) -> np.ndarray:
+        out = super().lengths(*args, **kwargs)
+        if self.round:
+            assert self.wait(self.round - 1, WAIT)
+        return out
+
+
 def test_engine_with_the_scheduler_policy_stays_lossless(tiny_llama_dir):
     """The policy through engine/allocation.py's interface inside real speculative rounds
     (tiny random target, random DSpark drafter with a confidence head): greedy output is the
@@ -218,7 +229,7 @@ def test_engine_with_the_scheduler_policy_stays_lossless(tiny_llama_dir):
     reference = EngineCore.from_config(cfg).generate(prompts, params)
     core = EngineCore.from_config(cfg)
     curve = ThroughputCurve((2, 4, 8, 16, 24), (10.0, 9.5, 9.0, 7.0, 5.0))
-    with PrefixSchedulerPolicy(curve) as policy:
+    with SettledPolicy(curve) as policy:
         core.enable_speculation(drafter_for(core, "dspark", "markov"), policy)
         assert core.generate(prompts, params) == reference
         assert policy.stats().rounds > 2
