@@ -37,11 +37,15 @@ def add_commands(sub) -> None:
     t.add_argument("--head", choices=("markov", "rnn"), default="markov", help="dspark only")
     t.add_argument("--block-size", type=int, default=7)
     t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--head-rank", type=int, default=64, help="rank r of dspark's head")
     t.add_argument("--draft-vocab", type=int, default=8192)
     t.add_argument("--steps", type=int, default=1500)
     t.add_argument("--seqs-per-step", type=int, default=8)
     t.add_argument("--anchors-per-seq", type=int, default=24)
     t.add_argument("--lr", type=float, default=6e-4)
+    t.add_argument("--holdout", type=float, default=0.0,
+                   help="share of greedy sequences held out; held-out greedy tau is printed at "
+                        "every checkpoint and saved with the drafter")
     t.add_argument("--model", default="", help="target checkpoint (default: the embedded model)")
     t.add_argument("--device", default="auto")
     t.add_argument("--num-threads", type=int, default=0)
@@ -120,10 +124,10 @@ def _train_drafter(args) -> int:
     from drafters.train import TrainConfig, train
 
     cfg = TrainConfig(args.data, args.out, method=args.method, head=args.head,
-                      block_size=args.block_size, num_layers=args.layers,
+                      block_size=args.block_size, num_layers=args.layers, head_rank=args.head_rank,
                       draft_vocab=args.draft_vocab, steps=args.steps,
                       seqs_per_step=args.seqs_per_step, anchors_per_seq=args.anchors_per_seq,
-                      lr=args.lr, model=args.model, device=args.device)
+                      lr=args.lr, holdout=args.holdout, model=args.model, device=args.device)
     print(f"drafter saved in {train(cfg)}")
     return 0
 

@@ -2,6 +2,7 @@
 w_k = exp(-(k-1)/decay) on valid positions:
 
     L = ce · CE(p_d, true token) + l1 · ||p_d - p_t||_1 + bce · BCE(c_k, c*_k)
+        + kl · KL(p_t || p_d)   (over S; off in the paper's recipe)
 
     p_d = softmax(draft logits) over the draft vocabulary S (zero outside S)
     p_t = the target's distribution, log p_t(i) = final · W_i - lse for i in S, so
@@ -28,6 +29,7 @@ class LossWeights:
     ce: float
     l1: float
     bce: float
+    kl: float = 0.0  # forward KL(p_t || p_d) over the draft vocabulary (soft-label distillation)
     decay: float = 4.0  # w_k = exp(-(k-1)/decay)
 
 
@@ -55,9 +57,12 @@ def drafter_loss(logits: torch.Tensor, conf_logits: torch.Tensor | None, batch: 
     in_vocab = label < vocab.size
     nll = -log_pd.gather(-1, label.clamp(max=vocab.size - 1)[..., None]).squeeze(-1)
     terms["ce"] = _mean(nll, w * in_vocab)
-    if weights.l1 or weights.bce:
+    if weights.l1 or weights.bce or weights.kl:
         with torch.no_grad():
-            p_t = target_log_probs(vocab, batch.target_final, batch.target_lse).exp()
+            log_pt = target_log_probs(vocab, batch.target_final, batch.target_lse)
+            p_t = log_pt.exp()
+        if weights.kl:
+            terms["kl"] = _mean((p_t * (log_pt - log_pd)).sum(-1), w)
         outside = (1 - p_t.sum(-1)).clamp_min(0)  # [N, g] target mass outside S
         l1 = (log_pd.exp() - p_t).abs().sum(-1) + outside  # [N, g]
         terms["l1"] = _mean(l1, w)

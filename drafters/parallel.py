@@ -66,14 +66,18 @@ class ParallelDrafterModel(nn.Module):
         hidden = self.backbone(batch.tokens[batch.anchor_rows], batch.anchor_pos, ctx_kv,
                                self._train_groups(batch))
         base = self.vocab.logits(hidden)  # [N, g, Vd]
+        if self.head is None:
+            return base, None
+        # The head's biases are stacked and added once: slicing base per position would make
+        # autograd write a zero [N, g, Vd] gradient for every slice.
         state = hidden.new_zeros(hidden.shape[0], self.cfg.head_rank)
-        logits, confs = [], []
+        biases, confs = [], []
         for k in range(self.cfg.block_size):
-            lk, ck, state = self.head_step(k, hidden, base, batch.prev[:, k], state)
-            logits.append(lk)
-            confs.append(ck)
-        conf = torch.stack(confs, 1) if self.head is not None else None
-        return torch.stack(logits, 1), conf
+            bias, conf, state = self.head.step(hidden[:, k], self.vocab.to_draft[batch.prev[:, k]],
+                                               state)
+            biases.append(bias)
+            confs.append(conf)
+        return base + torch.stack(biases, 1), torch.stack(confs, 1)
 
     def _train_groups(self, batch: PackedBatch) -> list[Group]:
         """Per sequence: block b sees context positions < anchor_b and its own block."""

@@ -25,6 +25,7 @@ from drafters.data import load_training_data
 from drafters.losses import CE_LOSS, DSPARK_LOSS, drafter_loss
 from drafters.packing import pack
 from drafters.registry import build_drafter, save_drafter
+from drafters.validate import greedy_acceptance, split_holdout
 from drafters.vocab import SharedVocab, choose_draft_vocab
 from engine.config import ModelConfig
 from engine.weights import load_model_config, load_state_dict, resolve_checkpoint
@@ -38,6 +39,7 @@ class TrainConfig:
     head: str = "markov"
     block_size: int = 7  # gamma (mtp1: 1)
     num_layers: int = 2
+    head_rank: int = 64  # r of dspark's Markov/RNN head
     draft_vocab: int = 8192
     steps: int = 1500
     seqs_per_step: int = 8
@@ -47,16 +49,19 @@ class TrainConfig:
     clip: float = 1.0
     seed: int = 0
     checkpoint_every: int = 100
+    holdout: float = 0.0  # share of greedy sequences held out for validation (drafters/validate.py)
     model: str = ""  # the target ("" = the embedded default); embedding and LM head come from it
     device: str = "auto"
 
     def __post_init__(self) -> None:
         if min(self.steps, self.seqs_per_step, self.anchors_per_seq, self.block_size,
-               self.num_layers, self.draft_vocab) < 1:
-            raise ValueError("steps, seqs-per-step, anchors-per-seq, block-size, layers and "
-                             "draft-vocab must all be >= 1")
+               self.num_layers, self.head_rank, self.draft_vocab) < 1:
+            raise ValueError("steps, seqs-per-step, anchors-per-seq, block-size, layers, "
+                             "head-rank and draft-vocab must all be >= 1")
         if not 0 < self.lr < 1 or not 0 <= self.warmup < 1 or self.clip <= 0:
             raise ValueError("lr must be in (0, 1), warmup in [0, 1), clip > 0")
+        if not 0 <= self.holdout < 0.5:
+            raise ValueError("holdout must be in [0, 0.5)")
 
 
 def target_matrices(model: str) -> tuple[ModelConfig, torch.Tensor, torch.Tensor]:
@@ -80,6 +85,7 @@ def make_drafter(tc: TrainConfig, data_meta: dict, sequences, target: ModelConfi
         feature_layers=tuple(data_meta["feature_layers"]), draft_vocab=len(vocab_ids),
         target_vocab=target.vocab_size, head=tc.head if tc.method == "dspark" else "none",
         block_size=1 if tc.method == "mtp1" else tc.block_size, num_layers=tc.num_layers,
+        head_rank=tc.head_rank,
         num_heads=target.num_heads, num_kv_heads=target.num_kv_heads, head_dim=target.head_dim,
         rms_norm_eps=target.rms_norm_eps, rope_theta=target.rope_theta)
     return build_drafter(cfg, SharedVocab(emb, head, vocab_ids))
@@ -97,6 +103,9 @@ def train(tc: TrainConfig, progress: bool = True) -> Path:
     device = torch.device("cuda" if tc.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if tc.device == "auto" else tc.device))
     meta, sequences = load_training_data(tc.data_dir)
+    sequences, held_out = split_holdout(sequences, tc.holdout)
+    if not sequences:
+        raise ValueError(f"holdout {tc.holdout} leaves no training sequences")
     target, emb, head = target_matrices(tc.model)
     torch.manual_seed(tc.seed)
     drafter = make_drafter(tc, meta, sequences, target, emb, head)
@@ -126,9 +135,15 @@ def train(tc: TrainConfig, progress: bool = True) -> Path:
         bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             _checkpoint(out / "checkpoint.pt", model, opt, sched, rng, step)
+            if held_out:
+                validation = greedy_acceptance(model, held_out, drafter.gamma)
+                bar.write(f"step {step}: held-out greedy tau {validation['tau']:.3f}, "
+                          f"conditional acceptance {validation['conditional']}")
     bar.close()
     summary = {"train": asdict(tc), "seconds_this_run": round(time.perf_counter() - start, 1),
                "final_terms": _average(history[-50:])}
+    if held_out:
+        summary["validation"] = validation | {"sequences": len(held_out)}
     save_drafter(drafter, out, summary)
     return out
 

@@ -1,13 +1,16 @@
 """Allocation policies: how many of each request's drafted tokens the target verifies this round.
 
-    lengths(confidences, gamma, R, priority, other_tokens) -> l_r in 0..gamma per drafting request
+    lengths(confidences, gamma, R, priority, other_tokens, draft_seconds)
+        -> l_r in 0..gamma per drafting request
+    drafting() -> whether the next round should draft at all
 
 The engine calls the policy once per round with the drafter's confidences [R, gamma] (None when
 the drafter has no confidence head) and priority [R] >= 1 (how far each request runs below its
 per-request SLA floor; a policy that ranks candidates weighs their survival by it; None: no
 floors), and other_tokens, the forward's tokens besides the drafting rows' [anchor, drafts]
-(prefill chunks, rows not drafting): the step's size is other_tokens + R + Σ ℓ. Fixed policies ignore them; the prefix scheduler process
-(scheduler/) plugs in through the same interface. Deals in NumPy arrays only.
+(prefill chunks, rows not drafting): the step's size is other_tokens + R + Σ ℓ; and
+draft_seconds, what drafting took this round. Fixed policies ignore them and always draft; the
+prefix scheduler process (scheduler/) plugs in through the same interface. NumPy arrays only.
 """
 from __future__ import annotations
 
@@ -18,8 +21,13 @@ import numpy as np
 
 class AllocationPolicy(Protocol):
     def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int,
-                priority: np.ndarray | None = None, other_tokens: int = 0) -> np.ndarray:
+                priority: np.ndarray | None = None, other_tokens: int = 0,
+                draft_seconds: float = 0.0) -> np.ndarray:
         """-> [R] int verification lengths, each in 0..gamma."""
+        ...
+
+    def drafting(self) -> bool:
+        """False: drafting does not pay now; the engine drafts only probe rounds."""
         ...
 
 
@@ -33,5 +41,9 @@ class FixedLength:
         self.n = n
 
     def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int,
-                priority: np.ndarray | None = None, other_tokens: int = 0) -> np.ndarray:
+                priority: np.ndarray | None = None, other_tokens: int = 0,
+                draft_seconds: float = 0.0) -> np.ndarray:
         return np.full(num_requests, min(self.n, gamma), dtype=np.int64)
+
+    def drafting(self) -> bool:
+        return True

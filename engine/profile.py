@@ -134,8 +134,9 @@ def profile(core, config: ProfileConfig = ProfileConfig(), progress: bool = True
         for request in requests:
             core.pool.release(request)
     rates = monotone(config.sizes, rates)
+    graphs = core.runner.graphs is not None
     return ThroughputCurve(tuple(config.sizes), tuple(rates), model_string(core, config),
-                           hardware_string(core.runner.device, core.runner.graphs is not None))
+                           hardware_string(core.runner.device, graphs), padded=graphs)
 
 
 def monotone(sizes, rates: list[float], tolerance: float = 0.1) -> list[float]:

@@ -20,10 +20,15 @@ Two decisions read only the request's past, never this round's drafts, so both s
                    verified (the policy gave it ℓ = 0: its confidences lose to the others')
                    is not drafted, ℓ = 0, saving its share of the drafter's work; every
                    SKIP_PROBE-th round it is drafted again, so fresh confidences can win it back
+    round skipping when the policy says drafting does not pay at all (scheduler/policy.py:
+                   the drafting time d outweighs what any verification length would gain,
+                   judged on confidences `lag` rounds old), no request is drafted, except every
+                   SKIP_PROBE-th round, whose confidences let the policy change its mind
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,19 +100,21 @@ class Speculator:
         self.capture_layers = tuple(drafter.config.feature_layers)
         self.counters = SpecCounters(self.gamma)
         self.skip_after = skip_after  # 0: always draft
+        self.skipped_rounds = 0  # rounds in a row not drafted because drafting did not pay
 
     def forget(self, request_id: str) -> None:
         self.drafter.remove(request_id)
 
     # ---- 1. draft and allocate -------------------------------------------------------------
     def plan(self, batch: ScheduledBatch) -> RoundPlan:
-        rows = []
+        due = []  # decoding requests with lookahead room
         for row, (request, extra) in enumerate(zip(batch.requests, batch.num_lookahead)):
             self._sync_context(request)
             if extra and request.num_computed_tokens > 0:
-                if self._skips(request):
-                    continue
-                rows.append(row)
+                due.append(row)
+        if due and self._skips_round(len(due)):
+            due = []
+        rows = [row for row in due if not self._skips(batch.requests[row])]
         drafts: list[list[int]] = [[] for _ in batch.requests]
         if not rows:
             return RoundPlan(drafts, torch.zeros(0, self.vocab_size, device=self.device))
@@ -116,17 +123,29 @@ class Speculator:
         self.counters.num_sla_priority += int((priority > 1).sum())
         temps = torch.tensor([r.params.temperature for r in requests], dtype=torch.float32)
         anchors = torch.tensor([r.token_ids(r.num_tokens - 1, r.num_tokens)[0] for r in requests])
+        start = time.perf_counter()
         out = self.drafter.propose([r.request_id for r in requests], anchors, temps)
         conf = None if out.confidences is None else out.confidences.cpu().numpy()
+        draft_seconds = time.perf_counter() - start
         room = [min(batch.num_lookahead[row], self.max_model_len - r.num_tokens)
                 for row, r in zip(rows, requests)]  # reserved slots, and the context limit
         other = batch.total_tokens - len(rows)  # prefill chunks and rows not drafting
-        lengths = np.minimum(self.policy.lengths(conf, self.gamma, len(rows), priority, other), room)
+        lengths = np.minimum(self.policy.lengths(conf, self.gamma, len(rows), priority, other,
+                                                 draft_seconds), room)
         tokens = out.tokens.tolist()  # [R][gamma]
         for i, row in enumerate(rows):
             drafts[row] = tokens[i][:lengths[i]]
         probs = out.verified_probs(lengths.tolist(), self.vocab_size)  # [Σ l, V]
         return RoundPlan(drafts, probs.to(self.device), rows)
+
+    def _skips_round(self, num_requests: int) -> bool:
+        """Draft nobody this round (each request counts as a round that verified 0)?"""
+        skip = not self.policy.drafting() and self.skipped_rounds < SKIP_PROBE - 1
+        self.skipped_rounds = self.skipped_rounds + 1 if skip else 0
+        if skip:
+            self.counters.num_draft_skips += num_requests
+            self.counters.verify_length_counts[0] += num_requests
+        return skip
 
     def _skips(self, request) -> bool:
         """Skip drafting this round (and count it as a round that verified 0)?"""

@@ -8,6 +8,8 @@ Terms, defined once for this module:
                                        and rows not drafting, which ride in the same forward)
     E = Σ_r (1 + Σ_{j<=ℓ_r} a_{r,j})    expected emitted tokens (+1: the recovered/bonus token)
     Θ = E · SPS(B)                     expected tokens per second
+    Θ = E / (1/SPS(B) + d)             the same with the round's drafting time d (seconds), which
+                                       a round that drafts pays on top of its forward
 Candidates (r, j) are taken in order of a_{r,j} descending, ties by smaller j first, so (r, j)
 always comes before (r, j + 1): any first m candidates of the order form prefixes. After the
 first m, with v_i the i-th survival in that order,
@@ -18,7 +20,9 @@ Algorithm 1 (greedy, synchronous) admits while Θ improves and stops at the firs
 is ranked below), so never on the token x_{r,j} it is about to verify: lossless.
 Production (asynchronous): K = argmax_m Θ_m over ALL m (a global search that may jump over SPS
 cliffs), computed on the confidences of two rounds earlier; this round admits the K current
-candidates of highest a. K does not depend on this round's tokens and the rank of (r, j) depends
+candidates of highest a. With d > 0 the same search also answers whether drafting pays at all:
+when plain decoding, Θ_plain = R · SPS(X + R) (no drafter, one token per request), beats every
+m, the engine stops drafting (scheduler/policy.py) until a probe round says otherwise. K does not depend on this round's tokens and the rank of (r, j) depends
 only on the candidates above it: lossless. A global search on the CURRENT confidences is not:
 whether x_{r,j} is verified would depend on a_{r,j+1}, i.e. on x_{r,j} itself
 (tests/test_scheduler_allocate.py enumerates such a case exactly).
@@ -48,15 +52,17 @@ def candidate_order(a: np.ndarray) -> np.ndarray:
     return np.argsort(-a.ravel(), kind="stable")
 
 
-def throughput_path(a: np.ndarray, curve: ThroughputCurve,
-                    other: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """a: [R, γ], other: X -> (order [Rγ], Θ_m for m = 0..Rγ [Rγ + 1])."""
+def throughput_path(a: np.ndarray, curve: ThroughputCurve, other: int = 0,
+                    draft_seconds: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """a: [R, γ], other: X, draft_seconds: d -> (order [Rγ], Θ_m for m = 0..Rγ [Rγ + 1])."""
     a = check_survival(a)
     order = candidate_order(a)
     r = a.shape[0]
     e = r + np.concatenate([[0.0], np.cumsum(a.ravel()[order])])  # [Rγ+1] E_m
     b = other + r + np.arange(order.size + 1)  # [Rγ+1] B_m
-    return order, e * curve.sps(b)
+    if draft_seconds <= 0:
+        return order, e * curve.sps(b)
+    return order, e / (1.0 / curve.sps(b) + draft_seconds)
 
 
 def lengths_of(order: np.ndarray, k: int, num_requests: int, gamma: int) -> np.ndarray:
@@ -78,6 +84,16 @@ def global_capacity(a: np.ndarray, curve: ThroughputCurve, other: int = 0) -> in
     Meant for confidences of an EARLIER round (see the module docstring)."""
     _, theta = throughput_path(a, curve, other)
     return int(np.argmax(theta))
+
+
+def capacity_and_drafting(a: np.ndarray, curve: ThroughputCurve, other: int = 0,
+                          draft_seconds: float = 0.0) -> tuple[int, bool]:
+    """The global search with the drafting time d: (K = argmax_m Θ_m, whether drafting pays,
+    i.e. max_m Θ_m > Θ_plain = R · SPS(X + R)). d = 0 is global_capacity and always drafts."""
+    _, theta = throughput_path(a, curve, other, draft_seconds)
+    k = int(np.argmax(theta))
+    plain = a.shape[0] * float(curve.sps(np.array([other + a.shape[0]]))[0])
+    return k, draft_seconds <= 0 or theta[k] > plain
 
 
 def top_k_lengths(a: np.ndarray, capacity: int, priority: np.ndarray | None = None) -> np.ndarray:

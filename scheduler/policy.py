@@ -10,6 +10,10 @@ Every round t the engine calls lengths(confidences [R, γ], γ, R). The policy
        before any answer exists (start-up) it verifies full blocks;
     4. admits the K current candidates of highest a (top_k_lengths): ℓ [R], Σ ℓ = min(K, Rγ);
        survival weighted by each request's SLA-floor priority (≥ 1; engine/speculator.py).
+The snapshot also carries the round's drafting time d, so the process weighs it too; when its
+answer says plain decoding beats every capacity, drafting() turns False and the engine stops
+drafting, except for probe rounds whose fresh confidences can say otherwise (the decision reads
+rounds at least `lag` old, never this round's tokens: lossless).
 With a RecalibrationConfig, observe() also feeds every served round to an OnlineRecalibrator
 (scheduler/recalibrate.py); its periodic drift check and refit run in one worker thread, and a
 refitted calibration is swapped in at the first observe() after it is ready.
@@ -45,6 +49,7 @@ class PolicyConfig:
     # a child that dies at start (a broken install) must not be respawned every round:
     # restarts are at least this far apart; rounds in between verify full blocks
     min_restart_interval_s: float = 1.0
+    draft_cost: bool = True  # weigh the drafting time (False: the paper's Θ = E · SPS(B))
 
     def __post_init__(self) -> None:
         if self.lag < 1:
@@ -84,9 +89,11 @@ class PrefixSchedulerPolicy:
 
     # ---- the AllocationPolicy interface --------------------------------------------------------
     def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int,
-                priority: np.ndarray | None = None, other_tokens: int = 0) -> np.ndarray:
+                priority: np.ndarray | None = None, other_tokens: int = 0,
+                draft_seconds: float = 0.0) -> np.ndarray:
         """confidences: [R, γ] drafter c_k (or None), priority: [R] weights >= 1 or None,
-        other_tokens: the forward's tokens besides the drafting rows' [anchor, drafts] -> ℓ [R]."""
+        other_tokens: the forward's tokens besides the drafting rows' [anchor, drafts],
+        draft_seconds: what drafting this round took -> ℓ [R]."""
         full = np.full(num_requests, gamma, dtype=np.int64)
         if confidences is None or num_requests == 0:
             return full
@@ -95,11 +102,16 @@ class PrefixSchedulerPolicy:
         a = self.survival(confidences)  # [R, γ]
         self._last_survival = a
         t, self.round = self.round, self.round + 1
-        if not self._exchange(t, a, other_tokens):
+        d = draft_seconds if self.config.draft_cost else 0.0
+        if not self._exchange(t, a, other_tokens, d):
             self.capacity = a.size
             return full  # the process died: full blocks this round
         self.capacity = self._capacity_for(t, a.size)
         return top_k_lengths(a, self.capacity, priority)
+
+    def drafting(self) -> bool:
+        """Does the newest usable answer say drafting pays? (True before any answer.)"""
+        return self._current is None or self._current.drafts
 
     def survival(self, confidences: np.ndarray) -> np.ndarray:
         """[R, γ] drafter confidences -> calibrated prefix survival [R, γ]."""
@@ -109,13 +121,13 @@ class PrefixSchedulerPolicy:
         return self.calibration.survival(c)
 
     # ---- talking to the process --------------------------------------------------------------
-    def _exchange(self, t: int, a: np.ndarray, other: int = 0) -> bool:
+    def _exchange(self, t: int, a: np.ndarray, other: int = 0, draft_seconds: float = 0.0) -> bool:
         """Collect answers, send snapshot t. False (after a restart) when the process died."""
         try:
             if self.process is None or not self.process.alive:
                 raise EOFError("the scheduler process is not running")
             self._collect(self.process.receive())
-            self.process.send(t, a, other)
+            self.process.send(t, a, other, draft_seconds)
             return True
         except DIED as exc:
             self._restart(exc)

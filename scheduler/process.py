@@ -1,8 +1,9 @@
 """The scheduler process: confidence snapshots in, capacities out (DSPARK.md §5, production).
 
 The engine sends each round's calibrated prefix survival a [R, γ] and never waits; the process
-answers with the capacity K = global_capacity(a, SPS) (scheduler/allocate.py), which the engine
-applies two rounds later (scheduler/policy.py). When the process falls behind it answers only the
+answers with the capacity K and whether drafting pays at all (capacity_and_drafting in
+scheduler/allocate.py, given the round's measured drafting time), which the engine applies two
+rounds later (scheduler/policy.py). When the process falls behind it answers only the
 newest snapshot it holds, so it catches up instead of queueing stale work.
 
 Started with the standard library's subprocess (`python -m scheduler.process`), not
@@ -10,10 +11,10 @@ multiprocessing.Process: the engine itself runs in a daemonic multiprocessing pr
 (server/engine_client.py) and multiprocessing refuses daemonic processes children. The two ends
 are multiprocessing.connection.Connection objects over a Unix socketpair (local only), and only
 raw bytes cross it, never pickles:
-    engine -> scheduler   snapshot  <q round, i R, i γ, i X> then R·γ float32 values of a,
-                                    row-major (X: the forward's other tokens)
+    engine -> scheduler   snapshot  <q round, i R, i γ, i X, d draft seconds> then R·γ float32
+                                    values of a, row-major (X: the forward's other tokens)
                           stop      the same header with round = -1 and no values
-    scheduler -> engine   answer    <q round, q K, d seconds the solve took>
+    scheduler -> engine   answer    <q round, q K, d seconds the solve took, ? drafting pays>
 The throughput curve goes to the child once, as JSON on its command line.
 """
 from __future__ import annotations
@@ -33,11 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from scheduler.allocate import global_capacity
+from scheduler.allocate import capacity_and_drafting
 from scheduler.throughput import ThroughputCurve
 
-SNAPSHOT = struct.Struct("<qiii")  # round, R, γ, X (other tokens in the forward)
-ANSWER = struct.Struct("<qqd")  # round, K, solve seconds
+SNAPSHOT = struct.Struct("<qiiid")  # round, R, γ, X (other tokens in the forward), draft seconds
+ANSWER = struct.Struct("<qqd?")  # round, K, solve seconds, drafting pays
 STOP_ROUND = -1
 # what a dead or unreachable scheduler looks like from the engine's side of the socket
 DIED = (OSError, EOFError)
@@ -48,22 +49,25 @@ class Answer:
     round: int  # the round whose snapshot K was computed from
     capacity: int  # K: drafted tokens to admit
     solve_seconds: float
+    drafts: bool = True  # drafting pays: max_m Θ_m beats plain decoding
 
 
-def encode_snapshot(round_index: int, survival: np.ndarray, other: int = 0) -> bytes:
-    """survival: [R, γ], other: X -> header + float32 payload."""
+def encode_snapshot(round_index: int, survival: np.ndarray, other: int = 0,
+                    draft_seconds: float = 0.0) -> bytes:
+    """survival: [R, γ], other: X, draft_seconds: d -> header + float32 payload."""
     a = np.ascontiguousarray(survival, dtype=np.float32)
-    return SNAPSHOT.pack(round_index, a.shape[0], a.shape[1], other) + a.tobytes()
+    return SNAPSHOT.pack(round_index, a.shape[0], a.shape[1], other, draft_seconds) + a.tobytes()
 
 
-def decode_snapshot(data: bytes) -> tuple[int, np.ndarray, int]:
-    """-> (round, a [R, γ] float64, X); checks the payload length against the header."""
-    round_index, r, g, other = SNAPSHOT.unpack_from(data)
+def decode_snapshot(data: bytes) -> tuple[int, np.ndarray, int, float]:
+    """-> (round, a [R, γ] float64, X, d); checks the payload length against the header."""
+    round_index, r, g, other, draft_seconds = SNAPSHOT.unpack_from(data)
     payload = memoryview(data)[SNAPSHOT.size:]
-    if r < 0 or g < 0 or other < 0 or len(payload) != 4 * r * g:
-        raise ValueError(f"malformed snapshot: header says {r}x{g}, payload {len(payload)} bytes")
+    if r < 0 or g < 0 or other < 0 or len(payload) != 4 * r * g or not draft_seconds >= 0:
+        raise ValueError(f"malformed snapshot: header says {r}x{g}, payload {len(payload)} bytes, "
+                         f"draft seconds {draft_seconds}")
     a = np.frombuffer(payload, dtype=np.float32).reshape(r, g).astype(np.float64)
-    return round_index, a, other
+    return round_index, a, other, draft_seconds
 
 
 def newest_snapshot(conn: Connection) -> bytes | None:
@@ -80,12 +84,13 @@ def newest_snapshot(conn: Connection) -> bytes | None:
 def serve(conn: Connection, curve: ThroughputCurve) -> None:
     """The child's loop: answer the newest snapshot until told to stop or the engine goes away."""
     while (data := newest_snapshot(conn)) is not None:
-        round_index, survival, other = decode_snapshot(data)
+        round_index, survival, other, draft_seconds = decode_snapshot(data)
         if round_index == STOP_ROUND:
             return
         start = time.perf_counter()
-        capacity = global_capacity(np.clip(survival, 0.0, 1.0), curve, other)
-        conn.send_bytes(ANSWER.pack(round_index, capacity, time.perf_counter() - start))
+        capacity, drafts = capacity_and_drafting(np.clip(survival, 0.0, 1.0), curve, other,
+                                                 draft_seconds)
+        conn.send_bytes(ANSWER.pack(round_index, capacity, time.perf_counter() - start, drafts))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,9 +146,10 @@ class SchedulerProcess:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def send(self, round_index: int, survival: np.ndarray, other: int = 0) -> bool:
+    def send(self, round_index: int, survival: np.ndarray, other: int = 0,
+             draft_seconds: float = 0.0) -> bool:
         """Queue a snapshot for the child; False when skipped because too much is unanswered."""
-        data = encode_snapshot(round_index, survival, other)
+        data = encode_snapshot(round_index, survival, other, draft_seconds)
         if self._in_flight and sum(self._in_flight.values()) + len(data) > self.max_in_flight_bytes:
             return False
         self._conn.send_bytes(data)
@@ -165,7 +171,7 @@ class SchedulerProcess:
         """Ask the child to stop, then make sure it has (kill after `timeout`)."""
         if self._conn is not None:
             try:
-                self._conn.send_bytes(SNAPSHOT.pack(STOP_ROUND, 0, 0, 0))
+                self._conn.send_bytes(SNAPSHOT.pack(STOP_ROUND, 0, 0, 0, 0.0))
             except DIED:
                 pass
             self._conn.close()

@@ -8,6 +8,10 @@ a staircase and
 is the right lookup; linear interpolation between buckets would promise speed the padded graph
 never delivers. Past the largest bucket a step runs ceil(B / B_max) forwards of the largest size:
     SPS(B) = SPS(B_max) / ceil(B / B_max).
+Eager steps (a CPU, or a GPU without graphs) pad nothing: a step's time grows smoothly with B, so
+an unpadded curve interpolates the step time 1/SPS linearly between the measured sizes, and past
+the largest grows it in proportion, 1/SPS(B) = (B / B_max) / SPS(B_max). A staircase there would
+tell the scheduler that every token up to the next bucket is free.
 Curves are cached as JSON per (model, hardware). NumPy only.
 """
 from __future__ import annotations
@@ -28,6 +32,7 @@ class ThroughputCurve:
     steps_per_second: tuple[float, ...]  # [n] SPS at each size
     model: str = ""  # what was measured: model name, dtype, ...
     hardware: str = ""  # where: device name, threads, CUDA graphs or eager
+    padded: bool = True  # steps run padded to the next measured size (CUDA graphs)
 
     def __post_init__(self) -> None:
         if not self.sizes or len(self.sizes) != len(self.steps_per_second):
@@ -42,6 +47,10 @@ class ThroughputCurve:
         sizes = np.asarray(self.sizes)  # [n]
         rate = np.asarray(self.steps_per_second, dtype=np.float64)  # [n]
         b = np.maximum(np.asarray(b, dtype=np.int64), 1)
+        if not self.padded:
+            seconds = np.interp(b, sizes, 1.0 / rate)  # [...] clamps below sizes[0]
+            out = np.where(b > sizes[-1], rate[-1] * sizes[-1] / b, 1.0 / seconds)
+            return float(out) if out.ndim == 0 else out
         bucket = np.searchsorted(sizes, b, side="left")  # index of the smallest size >= b
         inside = rate[np.minimum(bucket, sizes.size - 1)]
         passes = -(-b // sizes[-1])  # ceil(b / B_max): forwards of the largest bucket
@@ -49,13 +58,15 @@ class ThroughputCurve:
         return float(out) if out.ndim == 0 else out
 
     def to_dict(self) -> dict:
-        return {"model": self.model, "hardware": self.hardware, "sizes": list(self.sizes),
-                "steps_per_second": list(self.steps_per_second)}
+        return {"model": self.model, "hardware": self.hardware, "padded": self.padded,
+                "sizes": list(self.sizes), "steps_per_second": list(self.steps_per_second)}
 
     @classmethod
     def from_dict(cls, d: dict) -> ThroughputCurve:
+        hardware = str(d.get("hardware", ""))
         return cls(tuple(int(b) for b in d["sizes"]), tuple(float(s) for s in d["steps_per_second"]),
-                   str(d.get("model", "")), str(d.get("hardware", "")))
+                   str(d.get("model", "")), hardware,
+                   bool(d.get("padded", "cuda graphs" in hardware)))  # older files: from the mode
 
 
 def save_curve(curve: ThroughputCurve, path: str | Path, extra: dict | None = None) -> Path:

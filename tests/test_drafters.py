@@ -13,6 +13,7 @@ from drafters.data import Sequence
 from drafters.losses import DSPARK_LOSS, CE_LOSS, drafter_loss, position_weights
 from drafters.packing import pack, valid_anchors
 from drafters.registry import build_drafter, load_drafter, save_drafter
+from drafters.validate import greedy_acceptance, split_holdout
 from drafters.vocab import SharedVocab
 from kernels.cpu_gemm import Linear
 
@@ -253,3 +254,46 @@ def test_cpu_gemm_images_only_while_on_a_cpu() -> None:
     assert drafter.model.vocab.head_gemm is not None
     set_cpu_gemms(drafter.model, on=False)  # what Drafter.to does for a non-CPU device
     assert all(m.cpu is None for m in linears) and drafter.model.vocab.head_gemm is None
+
+
+def test_holdout_keeps_only_greedy_prompts_out_of_training() -> None:
+    seqs = [tiny_sequence(i, 8, 2, i) for i in range(100)]
+    train, held = split_holdout(seqs, 0.05)
+    assert [s.seq_id for s in held] == [0, 20, 40, 60, 80]  # even = answered greedily
+    assert len(train) == 95 and not {s.seq_id for s in train} & {s.seq_id for s in held}
+    assert split_holdout(seqs, 0.0) == (seqs, [])
+
+
+def test_greedy_acceptance_equals_drafting_at_every_anchor() -> None:
+    """The teacher-forced held-out tau equals what greedy drafting through the cached inference
+    path accepts against the sequence, anchor by anchor."""
+    drafter = build_drafter(tiny_config("dspark", "markov"), tiny_vocab())
+    randomize(drafter.model, 4)
+    g = torch.Generator().manual_seed(5)
+
+    def first_guess(seq, t: int) -> torch.Tensor:
+        drafter.add("probe")
+        drafter.extend("probe", seq.tokens[:t], seq.features[:t])
+        out = drafter.propose(["probe"], seq.tokens[t:t + 1], torch.zeros(1))
+        drafter.remove("probe")
+        return out.tokens[0]
+
+    seqs = []
+    for i in range(2):
+        seq = tiny_sequence(2 * i, 26, 4, 30 + i)
+        for t in range(4, 25):  # most answer tokens are the drafter's own first guess
+            if torch.rand(1, generator=g) < 0.75:
+                seq.tokens[t + 1] = first_guess(seq, t)[0]
+        seqs.append(seq)
+    taus = []
+    for seq in seqs:
+        for a in valid_anchors(seq).tolist():
+            drafted, n = first_guess(seq, a), 0
+            while (n < drafter.gamma and a + n + 1 < len(seq.tokens) and seq.loss_mask[a + n + 1]
+                   and drafted[n] == seq.tokens[a + n + 1]):
+                n += 1
+            taus.append(1 + n)
+    result = greedy_acceptance(drafter.model, seqs, drafter.gamma, anchors_per_seq=1000)
+    assert result["anchors"] == len(taus)
+    assert result["tau"] == pytest.approx(sum(taus) / len(taus))
+    assert result["tau"] > 1.3  # not vacuous: most first guesses are accepted

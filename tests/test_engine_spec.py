@@ -163,10 +163,14 @@ class RecordingPolicy:
         self.n, self.calls = n, []  # calls: (num_requests, priority or None) per round
         self.other = []  # other_tokens per round
 
-    def lengths(self, confidences, gamma, num_requests, priority=None, other_tokens=0):
+    def lengths(self, confidences, gamma, num_requests, priority=None, other_tokens=0,
+                draft_seconds=0.0):
         self.calls.append((num_requests, None if priority is None else priority.copy()))
         self.other.append(other_tokens)
         return np.full(num_requests, min(self.n, gamma), dtype=np.int64)
+
+    def drafting(self) -> bool:
+        return True
 
 
 def test_draft_skipping_after_unverified_blocks(tiny_llama_dir, prompts, reference):
@@ -186,6 +190,36 @@ def test_draft_skipping_after_unverified_blocks(tiny_llama_dir, prompts, referen
     off.enable_speculation(drafter_for(off, "dspark", "markov"), RecordingPolicy(0))
     assert off.generate(prompts[:8], GREEDY) == reference[:8]
     assert off.stats().spec.num_draft_skips == 0
+
+
+class NotPayingPolicy(RecordingPolicy):
+    """Says drafting does not pay, and records the drafting time the engine measured."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.draft_seconds = []
+
+    def lengths(self, *args, draft_seconds=0.0, **kwargs):
+        self.draft_seconds.append(draft_seconds)
+        return super().lengths(*args, **kwargs)
+
+    def drafting(self) -> bool:
+        return False
+
+
+def test_rounds_are_not_drafted_while_drafting_does_not_pay(tiny_llama_dir, prompts, reference):
+    """policy.drafting() False: only every SKIP_PROBE-th round drafts (a probe); every decoding
+    request of the other rounds counts as a skip with ℓ = 0; output stays the greedy one."""
+    core = make_core(tiny_llama_dir, draft_skip_after=0)
+    policy = NotPayingPolicy()
+    core.enable_speculation(drafter_for(core, "dspark", "markov"), policy)
+    assert core.generate(prompts[:8], GREEDY) == reference[:8]
+    spec = core.stats().spec
+    drafted = sum(n for n, _ in policy.calls)
+    assert spec.num_draft_skips >= 2 * drafted  # SKIP_PROBE - 1 = 3 skipped rounds per probe
+    assert spec.verify_length_counts[0] == spec.num_draft_skips
+    assert spec.num_draft_tokens == 2 * drafted and spec.num_accepted_tokens > 0
+    assert all(d > 0 for d in policy.draft_seconds)  # the engine timed every drafting round
 
 
 def test_requests_below_their_sla_floor_get_priority(tiny_llama_dir, prompts, reference):

@@ -188,8 +188,12 @@ class RandomLengths:
         self.rng = np.random.default_rng(seed)
 
     def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int,
-                priority: np.ndarray | None = None, other_tokens: int = 0) -> np.ndarray:
+                priority: np.ndarray | None = None, other_tokens: int = 0,
+                draft_seconds: float = 0.0) -> np.ndarray:
         return self.rng.integers(0, gamma + 1, size=num_requests)  # [R]
+
+    def drafting(self) -> bool:
+        return True
 
 
 def make_drafter(core: EngineCore, method: str, head: str):

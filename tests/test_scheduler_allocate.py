@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from scheduler.allocate import (candidate_order, global_capacity, greedy_lengths,
+from scheduler.allocate import (candidate_order, capacity_and_drafting, global_capacity, greedy_lengths,
                                 random_survival, solver_seconds, throughput_path, top_k_lengths)
 from scheduler.throughput import ThroughputCurve
 
@@ -242,3 +242,18 @@ def test_solver_time_at_256_requests_gamma_7():
     seconds = solver_seconds(256, 7, curve, repeats=300)
     print(f"\nsolver per round at 256 requests x gamma 7: {seconds * 1e6:.0f} us")
     assert seconds < 5e-3
+
+
+def test_drafting_time_enters_the_objective_and_can_stop_drafting():
+    """Θ_m = E_m / (1/SPS(B_m) + d) against plain decoding R · SPS(X + R), by hand:
+    R = 1, a = [0.5, 0.25], SPS = 10 everywhere (0.1 s a step)."""
+    curve = ThroughputCurve((1, 2, 3), (10.0, 10.0, 10.0))
+    a = np.array([[0.5, 0.25]])
+    assert capacity_and_drafting(a, curve) == (global_capacity(a, curve), True)  # d = 0
+    # d = 0.01: Θ = 1/0.11, 1.5/0.11, 1.75/0.11 = 9.1, 13.6, 15.9 > plain 10 -> K = 2, draft
+    assert capacity_and_drafting(a, curve, draft_seconds=0.01) == (2, True)
+    # d = 0.1: Θ_2 = 1.75/0.2 = 8.75 < 10: drafting does not pay
+    assert capacity_and_drafting(a, curve, draft_seconds=0.1) == (2, False)
+    # a steep curve: verifying costs more than it gains, but a cheap draft still pays for K = 0?
+    steep = ThroughputCurve((1, 2, 3), (10.0, 5.0, 2.0))
+    assert capacity_and_drafting(a, steep, draft_seconds=0.001) == (0, False)  # Θ_0 < plain

@@ -44,8 +44,8 @@ def policy():
 
 def test_snapshot_wire_format_round_trips():
     a = np.random.default_rng(0).random((5, 3))
-    round_index, back, other = decode_snapshot(encode_snapshot(17, a, 40))
-    assert (round_index, other) == (17, 40)
+    round_index, back, other, d = decode_snapshot(encode_snapshot(17, a, 40, 0.0125))
+    assert (round_index, other, d) == (17, 40, 0.0125)
     np.testing.assert_allclose(back, a, rtol=1e-6)  # float32 on the wire
     with pytest.raises(ValueError):
         decode_snapshot(encode_snapshot(1, a)[:-4])
@@ -62,6 +62,33 @@ def test_process_answers_global_capacity():
     finally:
         proc.close()
     assert not proc.alive
+
+
+def test_process_says_whether_drafting_pays():
+    proc = SchedulerProcess(CURVE)
+    try:
+        a = np.cumprod(confidences(1), axis=1)
+        proc.send(0, a, 0, 0.0005)  # half a millisecond: cheap next to a 10 ms step
+        proc.send(1, a, 0, 1.0)  # a second of drafting never pays
+        answers = []
+        while len(answers) < 2 or answers[-1].round < 1:
+            answers += proc.receive(timeout=WAIT)
+        drafts = {x.round: x.drafts for x in answers}
+        assert drafts[1] is False and drafts.get(0, True) is True
+    finally:
+        proc.close()
+
+
+def test_policy_stops_drafting_from_answers_lag_rounds_old():
+    with SettledPolicy(CURVE) as policy:
+        for t in range(5):
+            assert policy.drafting()  # answers to rounds 0, 1 (cheap drafting) say draft
+            policy.lengths(confidences(t), GAMMA, R, draft_seconds=0.0005 if t < 2 else 1.0)
+        assert not policy.drafting()  # round 4 used snapshot 2's answer: a second never pays
+    with SettledPolicy(CURVE, config=PolicyConfig(draft_cost=False)) as plain:
+        for t in range(5):
+            plain.lengths(confidences(t), GAMMA, R, draft_seconds=1.0)
+        assert plain.drafting()  # the paper's objective ignores the drafting time
 
 
 def test_capacity_comes_from_two_rounds_earlier(policy):

@@ -1,4 +1,5 @@
-"""The throughput curve table (scheduler/throughput.py): step-shaped lookup and its JSON cache."""
+"""The throughput curve table (scheduler/throughput.py): step-shaped lookup for padded (CUDA
+graph) steps, interpolated step time for eager ones, and its JSON cache."""
 from __future__ import annotations
 
 import json
@@ -31,6 +32,28 @@ def test_lookup_is_vectorised():
     out = CURVE.sps(b)
     assert out.shape == (2, 3)
     np.testing.assert_allclose(out, [[100, 80, 50], [25, 80, 50 / 4]])
+
+
+EAGER = ThroughputCurve((1, 8, 32), (100.0, 80.0, 50.0), model="m", hardware="cpu", padded=False)
+
+
+def test_eager_curve_interpolates_step_time():
+    assert EAGER.sps(1) == pytest.approx(100.0)
+    assert EAGER.sps(8) == pytest.approx(80.0)
+    # B = 20 is halfway from 8 to 32 in tokens: its step time is halfway from 12.5 to 20 ms
+    assert EAGER.sps(20) == pytest.approx(1 / ((1 / 80 + 1 / 50) / 2))
+    assert EAGER.sps(4) > EAGER.sps(5) > EAGER.sps(8)  # every extra token costs something
+    assert EAGER.sps(64) == pytest.approx(25.0)  # past the largest size: time grows with B
+    assert EAGER.sps(48) == pytest.approx(50.0 * 32 / 48)
+    np.testing.assert_allclose(EAGER.sps(np.array([0, 8, 64])), [100.0, 80.0, 25.0])
+
+
+def test_old_curve_files_take_padding_from_the_recorded_mode():
+    d = CURVE.to_dict()
+    assert d["padded"] is True and ThroughputCurve.from_dict(EAGER.to_dict()) == EAGER
+    del d["padded"]
+    assert ThroughputCurve.from_dict({**d, "hardware": "AMD EPYC, 2 threads"}).padded is False
+    assert ThroughputCurve.from_dict({**d, "hardware": "NVIDIA H200 (cuda graphs)"}).padded is True
 
 
 @pytest.mark.parametrize("sizes,rates", [((), ()), ((4, 2), (1.0, 1.0)), ((1, 2), (1.0, 0.0)),
