@@ -43,6 +43,9 @@ def add_commands(sub) -> None:
     t.add_argument("--seqs-per-step", type=int, default=8)
     t.add_argument("--anchors-per-seq", type=int, default=24)
     t.add_argument("--lr", type=float, default=6e-4)
+    t.add_argument("--kl", type=float, default=1.0,
+                   help="dspark: weight of the KL(target || draft) term added to the paper's loss "
+                        "(0 = the paper's loss)")
     t.add_argument("--holdout", type=float, default=0.0,
                    help="share of greedy sequences held out; held-out greedy tau is printed at "
                         "every checkpoint and saved with the drafter")
@@ -57,6 +60,9 @@ def add_commands(sub) -> None:
     e.add_argument("--per-domain", type=int, default=20, help="prompts per built-in set")
     e.add_argument("--max-new-tokens", type=int, default=128)
     e.add_argument("--batch", type=int, default=10, help="prompts generated concurrently")
+    e.add_argument("--data", default=None,
+                   help="instead of generating: teacher-forced greedy tau on the greedy sequences "
+                        "of this training-data directory (drafters/validate.py; no target run)")
     e.add_argument("--json", default=None)
     e.add_argument("--plot", default=None, help="PNG of conditional acceptance per position")
     e.add_argument("--model", default="", help="target checkpoint (default: the embedded model)")
@@ -127,7 +133,7 @@ def _train_drafter(args) -> int:
                       block_size=args.block_size, num_layers=args.layers, head_rank=args.head_rank,
                       draft_vocab=args.draft_vocab, steps=args.steps,
                       seqs_per_step=args.seqs_per_step, anchors_per_seq=args.anchors_per_seq,
-                      lr=args.lr, holdout=args.holdout, model=args.model, device=args.device)
+                      lr=args.lr, kl=args.kl, holdout=args.holdout, model=args.model, device=args.device)
     print(f"drafter saved in {train(cfg)}")
     return 0
 
@@ -139,6 +145,8 @@ def _eval(args) -> int:
 
     for name in args.drafter:
         resolve_drafter_path(name)  # a bad name fails before the model loads
+    if args.data:
+        return _eval_data(args)
     prompts = read_prompts(args.prompts) if args.prompts else eval_prompts(args.per_domain)
     core, text = _core(args.model, args.num_threads)
     emb, head = core.runner.embedding_and_lm_head()
@@ -149,6 +157,34 @@ def _eval(args) -> int:
     for name, r in report["drafters"].items():
         taus = " ".join(f"{d}={v:.3f}" for d, v in r["tau"].items())
         print(f"{name}: tau {taus}")
+    return 0
+
+
+def _eval_data(args) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from drafters.data import load_training_data
+    from drafters.registry import load_drafter
+    from drafters.train import target_matrices
+    from drafters.validate import greedy_acceptance
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    _, sequences = load_training_data(args.data)
+    greedy = [s for s in sequences if s.seq_id % 2 == 0]  # drafters/data.py: even = greedy
+    _, emb, head = target_matrices(args.model)
+    report = {"data": args.data, "sequences": len(greedy), "drafters": {}}
+    for name in args.drafter:
+        drafter = load_drafter(name, emb, head)
+        result = greedy_acceptance(drafter.model, greedy, drafter.gamma)
+        report["drafters"][name] = result
+        print(f"{name}: teacher-forced greedy tau {result['tau']:.3f} over {result['anchors']} "
+              f"anchors, conditional acceptance {result['conditional']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
 
 

@@ -13,7 +13,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +47,7 @@ class TrainConfig:
     lr: float = 6e-4
     warmup: float = 0.04  # share of steps
     clip: float = 1.0
+    kl: float = 1.0  # dspark only: weight of KL(p_t || p_d) added to the paper's loss (0 = paper)
     seed: int = 0
     checkpoint_every: int = 100
     holdout: float = 0.0  # share of greedy sequences held out for validation (drafters/validate.py)
@@ -60,6 +61,8 @@ class TrainConfig:
                              "head-rank and draft-vocab must all be >= 1")
         if not 0 < self.lr < 1 or not 0 <= self.warmup < 1 or self.clip <= 0:
             raise ValueError("lr must be in (0, 1), warmup in [0, 1), clip > 0")
+        if self.kl < 0:
+            raise ValueError("kl must be >= 0")
         if not 0 <= self.holdout < 0.5:
             raise ValueError("holdout must be in [0, 0.5)")
 
@@ -116,9 +119,9 @@ def train(tc: TrainConfig, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(tc.seed)
     step = _resume(out / "checkpoint.pt", model, opt, sched, rng)
-    weights = DSPARK_LOSS if tc.method == "dspark" else CE_LOSS
+    weights = replace(DSPARK_LOSS, kl=tc.kl) if tc.method == "dspark" else CE_LOSS
     bar = tqdm(total=tc.steps, initial=step, desc=f"train {tc.method}", disable=not progress)
-    start, history = time.perf_counter(), []
+    start, history, validation = time.perf_counter(), [], None
     while step < tc.steps:
         batch = _to(pack(rng.sample(sequences, min(len(sequences), tc.seqs_per_step)), drafter.gamma,
                          tc.anchors_per_seq, rng), device)
@@ -143,6 +146,7 @@ def train(tc: TrainConfig, progress: bool = True) -> Path:
     summary = {"train": asdict(tc), "seconds_this_run": round(time.perf_counter() - start, 1),
                "final_terms": _average(history[-50:])}
     if held_out:
+        validation = validation or greedy_acceptance(model, held_out, drafter.gamma)  # resumed
         summary["validation"] = validation | {"sequences": len(held_out)}
     save_drafter(drafter, out, summary)
     return out

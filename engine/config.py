@@ -112,6 +112,8 @@ class EngineConfig:
     draft_skip_after: int = 2  # skip drafting for a request after this many rounds in a row
     #                            in which none of its block was verified (0: never skip)
     recalibrate: bool = True  # refit the temperatures online when acceptance drifts
+    draft_cost: bool = True  # the scheduler weighs drafting time and stops drafting when it
+    #                          does not pay (False: the paper's objective)
     # CUDA devices: each step's forward is a CUDA graph replayed at its token count rounded up
     # to a bucket (engine/cuda_graphs.py); False runs it eagerly. CPUs always run eagerly,
     # unpadded (padding would only add work there).

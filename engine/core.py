@@ -31,12 +31,12 @@ def allocation_policy(config: EngineConfig, core: EngineCore, drafter) -> Alloca
         raise ValueError(f"the scheduler needs confidences; a {drafter.config.method} drafter has none")
     from drafters.registry import resolve_drafter_path
     from scheduler.calibration import load_calibration
-    from scheduler.policy import PrefixSchedulerPolicy
+    from scheduler.policy import PolicyConfig, PrefixSchedulerPolicy
     from scheduler.recalibrate import RecalibrationConfig
 
     curve = throughput_curve(core, drafter)
     calibration = load_calibration(resolve_drafter_path(config.drafter or config.spec_method))
-    return PrefixSchedulerPolicy(curve, calibration,
+    return PrefixSchedulerPolicy(curve, calibration, PolicyConfig(draft_cost=config.draft_cost),
                                  recalibration=RecalibrationConfig() if config.recalibrate else None)
 
 

@@ -42,6 +42,8 @@ def _serve_args(sub) -> None:
                    "the scheduler verified none of its block (0: never)")
     p.add_argument("--no-recalibrate", action="store_true", help="keep the drafter's fitted "
                    "temperatures even when served acceptance drifts from them")
+    p.add_argument("--no-draft-cost", action="store_true", help="the paper's scheduler "
+                   "objective: ignore the drafting time, and never stop drafting to save it")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run every forward eagerly on "
                    "a GPU instead of replaying CUDA graphs at bucketed token counts")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -148,6 +150,7 @@ def engine_config(args) -> EngineConfig:
         sla_tps=getattr(args, "sla_tps", 0.0) if getattr(args, "command", "") == "serve" else 0.0,
         draft_skip_after=getattr(args, "draft_skip_after", 2),
         recalibrate=not getattr(args, "no_recalibrate", False),
+        draft_cost=not getattr(args, "no_draft_cost", False),
         cuda_graphs=not getattr(args, "no_cuda_graphs", False))
 
 

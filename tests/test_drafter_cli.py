@@ -22,7 +22,7 @@ def trained(tiny_llama_dir, tmp_path_factory):
     assert main(["train", "drafter", "--model", model, "--data", str(root / "data"),
                  "--out", str(root / "d"), "--method", "dspark", "--head", "rnn", "--steps", "4",
                  "--seqs-per-step", "2", "--anchors-per-seq", "4", "--block-size", "3",
-                 "--draft-vocab", "100", "--num-threads", "1"]) == 0
+                 "--draft-vocab", "100", "--holdout", "0.3", "--num-threads", "1"]) == 0
     return root, model
 
 
@@ -30,7 +30,10 @@ def test_train_then_eval_writes_tau_and_plot(trained, tmp_path):
     root, model = trained
     cfg, summary = read_drafter_config(root / "d")
     assert (cfg.method, cfg.head, cfg.block_size, cfg.draft_vocab) == ("dspark", "rnn", 3, 100)
-    assert summary["train"]["steps"] == 4 and set(summary["final_terms"]) == {"ce", "l1", "bce"}
+    assert summary["train"]["steps"] == 4
+    assert set(summary["final_terms"]) == {"ce", "l1", "bce", "kl"}  # --kl 1 by default
+    # --holdout 0.3: every 4th prompt (0 and 4 of 6, greedy ones) is held out and validated
+    assert summary["validation"]["sequences"] == 2 and 1.0 <= summary["validation"]["tau"] <= 4.0
     ckpt = torch.load(root / "d" / "checkpoint.pt", weights_only=False)
     assert ckpt["step"] == 4
     prompts = tmp_path / "p.jsonl"
@@ -56,14 +59,27 @@ def test_train_then_eval_writes_tau_and_plot(trained, tmp_path):
     assert (tmp_path / "all.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_eval_on_a_data_directory_is_teacher_forced(trained, tmp_path, capsys):
+    root, model = trained
+    out = tmp_path / "tf.json"
+    assert main(["eval", "--model", model, "--drafter", str(root / "d"), "--data",
+                 str(root / "data"), "--json", str(out), "--num-threads", "1"]) == 0
+    report = json.loads(out.read_text())
+    assert report["sequences"] == 3  # the greedy (even) prompts of 6
+    result = report["drafters"][str(root / "d")]
+    assert 1.0 <= result["tau"] <= 4.0 and len(result["conditional"]) == 3
+    assert "teacher-forced greedy tau" in capsys.readouterr().out
+
+
 def test_training_resumes_from_its_checkpoint(trained, capsys):
     root, model = trained
     before = (root / "d" / "weights.safetensors").read_bytes()
     assert main(["train", "drafter", "--model", model, "--data", str(root / "data"),
                  "--out", str(root / "d"), "--method", "dspark", "--head", "rnn", "--steps", "4",
                  "--seqs-per-step", "2", "--anchors-per-seq", "4", "--block-size", "3",
-                 "--draft-vocab", "100", "--num-threads", "1"]) == 0
+                 "--draft-vocab", "100", "--holdout", "0.3", "--num-threads", "1"]) == 0
     assert (root / "d" / "weights.safetensors").read_bytes() == before  # nothing left to train
+    assert "validation" in read_drafter_config(root / "d")[1]
 
 
 @pytest.mark.parametrize("argv,needle", [

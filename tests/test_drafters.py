@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -183,8 +184,8 @@ def test_save_load_round_trip_stores_only_trainable_parts(tmp_path) -> None:
 # ---- loss terms against hand computations ------------------------------------------------------
 def hand_loss_terms(logits, conf, batch, vocab):
     gamma = logits.shape[1]
-    sums = {"ce": 0.0, "l1": 0.0, "bce": 0.0}
-    wsum = {"ce": 0.0, "l1": 0.0, "bce": 0.0}
+    sums = {"ce": 0.0, "l1": 0.0, "bce": 0.0, "kl": 0.0}
+    wsum = {"ce": 0.0, "l1": 0.0, "bce": 0.0, "kl": 0.0}
     for b in range(logits.shape[0]):
         for k in range(gamma):
             if not batch.valid[b, k]:
@@ -196,6 +197,9 @@ def hand_loss_terms(logits, conf, batch, vocab):
             l1 = sum(abs(float(p_d[i] - p_t[i])) for i in range(vocab.size)) + (1 - float(p_t.sum()))
             sums["l1"] += w * l1
             wsum["l1"] += w
+            # KL over the draft vocabulary: sum_i p_t(i) log(p_t(i) / p_d(i))
+            sums["kl"] += w * sum(float(p_t[i] * (z[i] - p_d[i].log())) for i in range(vocab.size))
+            wsum["kl"] += w
             label = int(batch.labels[b, k])
             hits = (vocab.vocab_ids == label).nonzero()
             if len(hits):
@@ -223,6 +227,9 @@ def test_each_loss_term_matches_a_hand_computation() -> None:
     for k in ("ce", "l1", "bce"):
         assert terms[k] == pytest.approx(hand[k], rel=1e-4), k
     assert float(loss) == pytest.approx(0.1 * hand["ce"] + 0.9 * hand["l1"] + hand["bce"], rel=1e-4)
+    with_kl, kl_terms = drafter_loss(logits, conf, batch, vocab, replace(DSPARK_LOSS, kl=2.0))
+    assert kl_terms["kl"] == pytest.approx(hand["kl"], rel=1e-4) and "kl" not in terms
+    assert float(with_kl) == pytest.approx(float(loss) + 2.0 * hand["kl"], rel=1e-4)
     ce_only, ce_terms = drafter_loss(logits, None, batch, vocab, CE_LOSS)
     assert float(ce_only) == pytest.approx(hand["ce"], rel=1e-4) and set(ce_terms) == {"ce"}
 
