@@ -1,9 +1,12 @@
-"""`dspark bench scheduler`: the three beyond-the-paper features against the plain algorithm.
+"""`dspark bench scheduler`: the beyond-the-paper features against the plain algorithm.
 
 Engine runs (dspark + prefix scheduler, closed loop at one concurrency c, the same held-out
 prompts, greedy), each variant differing from `plain` in one setting:
-    plain        Algorithm 1's production variant alone (no floors, no skipping, no refits)
+    plain        Algorithm 1's production variant alone (no floors, no skipping, no refits,
+                 the paper's objective without the drafting time)
     skip         (b) draft skipping after 2 unverified blocks (EngineConfig.draft_skip_after)
+    cost         (d) the drafting time in the objective, and no drafting while it does not pay
+                 (EngineConfig.draft_cost)
     floors       (a) every request has the SLA floor F = the per-user tok/s that a quarter of
                  `plain`'s requests fell below (its p25); a request below F has its drafts'
                  survival weighted by F / its recent speed
@@ -36,7 +39,7 @@ from engine.bench_spec import closed_loop
 from engine.config import EngineConfig
 from engine.core import EngineCore, throughput_curve
 
-VARIANTS = ("plain", "skip", "floors", "plain-again")
+VARIANTS = ("plain", "skip", "cost", "floors", "plain-again")
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ def _core(cfg: SchedulerBenchConfig, variant: str, floor: float = 0.0) -> Engine
         model=cfg.model, dtype=cfg.dtype, spec_method="dspark", drafter=cfg.drafter,
         allocation="scheduler", max_num_seqs=cfg.concurrency, kv_cache_tokens=32768,
         max_num_batched_tokens=max(512, cfg.concurrency * 8), recalibrate=False,
-        draft_skip_after=2 if variant == "skip" else 0,
+        draft_skip_after=2 if variant == "skip" else 0, draft_cost=variant == "cost",
         sla_tps=floor if variant == "floors" else 0.0))
 
 
@@ -157,6 +160,7 @@ def bench_scheduler(cfg: SchedulerBenchConfig) -> dict:
 def _ratios(result: dict) -> None:
     v = result["engine"]["variants"]
     result["skip_aggregate_ratio"] = round(v["skip"]["aggregate_tps"] / v["plain"]["aggregate_tps"], 3)
+    result["cost_aggregate_ratio"] = round(v["cost"]["aggregate_tps"] / v["plain"]["aggregate_tps"], 3)
     result["floors_p10_ratio"] = round(v["floors"]["p10_user_tps"] / v["plain"]["p10_user_tps"], 3)
     result["floors_share_gain"] = round(v["floors"]["share_at_floor"] - v["plain"]["share_at_floor"], 3)
     result["noise_aggregate_ratio"] = round(

@@ -1,7 +1,8 @@
 """`dspark bench spec`: speculative decoding methods side by side on the default model.
 
-For each method (none, mtp1, eagle3, dflash, dspark; shipped drafters, fixed full-block
-verification) the same engine serves the same held-out prompts, greedy, closed loop: at
+For each method (none, mtp1, eagle3, dflash, dspark; shipped drafters, each as `dspark serve
+--method M` runs it: dspark with the prefix scheduler, the others verifying full blocks) the
+same engine serves the same held-out prompts, greedy, closed loop: at
 concurrency c, c requests are in flight and a new one starts as soon as one finishes.
     per-user tok/s   median over requests of (tokens - 1) / (finish - first token)
     aggregate tok/s  all generated tokens / wall time of the run
