@@ -118,7 +118,7 @@ def train(tc: TrainConfig, progress: bool = True) -> Path:
     out = Path(tc.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(tc.seed)
-    step = _resume(out / "checkpoint.pt", model, opt, sched, rng)
+    step = _resume(out / "checkpoint.pt", model, opt, sched, rng, tc)
     weights = replace(DSPARK_LOSS, kl=tc.kl) if tc.method == "dspark" else CE_LOSS
     bar = tqdm(total=tc.steps, initial=step, desc=f"train {tc.method}", disable=not progress)
     start, history, validation = time.perf_counter(), [], None
@@ -137,7 +137,7 @@ def train(tc: TrainConfig, progress: bool = True) -> Path:
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
         if step % tc.checkpoint_every == 0 or step == tc.steps:
-            _checkpoint(out / "checkpoint.pt", model, opt, sched, rng, step)
+            _checkpoint(out / "checkpoint.pt", model, opt, sched, rng, step, tc)
             if held_out:
                 validation = greedy_acceptance(model, held_out, drafter.gamma)
                 bar.write(f"step {step}: held-out greedy tau {validation['tau']:.3f}, "
@@ -166,17 +166,31 @@ def _average(history: list[dict]) -> dict:
     return {k: round(sum(h[k] for h in history) / len(history), 4) for k in keys}
 
 
-def _checkpoint(path: Path, model, opt, sched, rng: random.Random, step: int) -> None:
+RESUMABLE_CHANGES = ("out_dir", "checkpoint_every", "device")  # may differ from the checkpoint's
+
+
+def _checkpoint(path: Path, model, opt, sched, rng: random.Random, step: int,
+                tc: TrainConfig) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "step": step}, tmp)
+                "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "step": step,
+                "config": asdict(tc)}, tmp)
     tmp.rename(path)
 
 
-def _resume(path: Path, model, opt, sched, rng: random.Random) -> int:
+def _resume(path: Path, model, opt, sched, rng: random.Random, tc: TrainConfig) -> int:
+    """The step to continue from (0: fresh). A checkpoint of other settings is refused rather
+    than silently continued under a different recipe."""
     if not path.exists():
         return 0
     state = torch.load(path, weights_only=False)
+    saved = state.get("config", {})  # checkpoints before this field: trusted
+    changed = [k for k, v in asdict(tc).items()
+               if k in saved and k not in RESUMABLE_CHANGES and saved[k] != v]
+    if changed:
+        raise ValueError(f"{path} was trained with other settings ("
+                         + ", ".join(f"{k}: {saved[k]} there, {getattr(tc, k)} now" for k in changed)
+                         + "); use another --out or the same settings")
     model.load_state_dict(state["model"], strict=False)
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])

@@ -80,6 +80,13 @@ def test_training_resumes_from_its_checkpoint(trained, capsys):
                  "--draft-vocab", "100", "--holdout", "0.3", "--num-threads", "1"]) == 0
     assert (root / "d" / "weights.safetensors").read_bytes() == before  # nothing left to train
     assert "validation" in read_drafter_config(root / "d")[1]
+    capsys.readouterr()
+    assert main(["train", "drafter", "--model", model, "--data", str(root / "data"),
+                 "--out", str(root / "d"), "--method", "dspark", "--head", "rnn", "--steps", "4",
+                 "--seqs-per-step", "2", "--anchors-per-seq", "4", "--block-size", "3",
+                 "--draft-vocab", "100", "--holdout", "0.3", "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err.strip()  # another recipe in the same directory: refused
+    assert "\n" not in err and "lr: 0.0006 there, 0.01 now" in err
 
 
 @pytest.mark.parametrize("argv,needle", [
