@@ -133,7 +133,8 @@ def _train_drafter(args) -> int:
                       block_size=args.block_size, num_layers=args.layers, head_rank=args.head_rank,
                       draft_vocab=args.draft_vocab, steps=args.steps,
                       seqs_per_step=args.seqs_per_step, anchors_per_seq=args.anchors_per_seq,
-                      lr=args.lr, kl=args.kl, holdout=args.holdout, model=args.model, device=args.device)
+                      lr=args.lr, kl=args.kl, holdout=args.holdout, model=args.model,
+                      device=args.device)
     print(f"drafter saved in {train(cfg)}")
     return 0
 

@@ -188,9 +188,9 @@ def _resume(path: Path, model, opt, sched, rng: random.Random, tc: TrainConfig) 
     changed = [k for k, v in asdict(tc).items()
                if k in saved and k not in RESUMABLE_CHANGES and saved[k] != v]
     if changed:
-        raise ValueError(f"{path} was trained with other settings ("
-                         + ", ".join(f"{k}: {saved[k]} there, {getattr(tc, k)} now" for k in changed)
-                         + "); use another --out or the same settings")
+        diff = ", ".join(f"{k}: {saved[k]} there, {getattr(tc, k)} now" for k in changed)
+        raise ValueError(f"{path} was trained with other settings ({diff}); "
+                         "use another --out or the same settings")
     model.load_state_dict(state["model"], strict=False)
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])

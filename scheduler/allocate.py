@@ -22,8 +22,9 @@ Production (asynchronous): K = argmax_m Θ_m over ALL m (a global search that ma
 cliffs), computed on the confidences of two rounds earlier; this round admits the K current
 candidates of highest a. With d > 0 the same search also answers whether drafting pays at all:
 when plain decoding, Θ_plain = R · SPS(X + R) (no drafter, one token per request), beats every
-m, the engine stops drafting (scheduler/policy.py) until a probe round says otherwise. K does not depend on this round's tokens and the rank of (r, j) depends
-only on the candidates above it: lossless. A global search on the CURRENT confidences is not:
+m, the engine stops drafting (scheduler/policy.py) until a probe round says otherwise.
+K does not depend on this round's tokens and the rank of (r, j) depends only on the candidates
+above it: lossless. A global search on the CURRENT confidences is not:
 whether x_{r,j} is verified would depend on a_{r,j+1}, i.e. on x_{r,j} itself
 (tests/test_scheduler_allocate.py enumerates such a case exactly).
 """
