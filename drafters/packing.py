@@ -37,6 +37,14 @@ class PackedBatch:
     def num_blocks(self) -> int:
         return self.anchor_rows.shape[0]
 
+    def to(self, device: torch.device) -> PackedBatch:
+        """Every tensor field moved to `device` (in place; a no-op on the CPU)."""
+        if torch.device(device).type != "cpu":
+            for name, value in vars(self).items():
+                if isinstance(value, torch.Tensor):
+                    setattr(self, name, value.to(device))
+        return self
+
 
 def valid_anchors(seq: Sequence) -> torch.Tensor:
     """Positions a with a and a+1 supervised. [M]"""

@@ -123,8 +123,8 @@ def train(tc: TrainConfig, progress: bool = True) -> Path:
     bar = tqdm(total=tc.steps, initial=step, desc=f"train {tc.method}", disable=not progress)
     start, history, validation = time.perf_counter(), [], None
     while step < tc.steps:
-        batch = _to(pack(rng.sample(sequences, min(len(sequences), tc.seqs_per_step)), drafter.gamma,
-                         tc.anchors_per_seq, rng), device)
+        batch = pack(rng.sample(sequences, min(len(sequences), tc.seqs_per_step)), drafter.gamma,
+                     tc.anchors_per_seq, rng).to(device)
         logits, conf = model.train_forward(batch)
         loss, terms = drafter_loss(logits, conf, batch, model.vocab, weights)
         opt.zero_grad(set_to_none=True)
@@ -150,15 +150,6 @@ def train(tc: TrainConfig, progress: bool = True) -> Path:
         summary["validation"] = validation | {"sequences": len(held_out)}
     save_drafter(drafter, out, summary)
     return out
-
-
-def _to(batch, device: torch.device):
-    if device.type == "cpu":
-        return batch
-    for name, value in vars(batch).items():
-        if isinstance(value, torch.Tensor):
-            setattr(batch, name, value.to(device))
-    return batch
 
 
 def _average(history: list[dict]) -> dict:

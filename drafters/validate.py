@@ -35,10 +35,11 @@ def greedy_acceptance(model, sequences: list[Sequence], gamma: int, anchors_per_
     was_training = model.training
     model.eval()
     rng = random.Random(seed)
+    device = next(model.parameters()).device
     tau_sum, anchors = 0.0, 0
     accepted = reached = torch.zeros(gamma)
     for i in range(0, len(sequences), seqs_per_pass):
-        batch = pack(sequences[i:i + seqs_per_pass], gamma, anchors_per_seq, rng)
+        batch = pack(sequences[i:i + seqs_per_pass], gamma, anchors_per_seq, rng).to(device)
         logits, _ = model.train_forward(batch)  # [N, g, Vd]
         draft = model.vocab.vocab_ids[logits.argmax(-1)]  # [N, g] target ids
         match = ((draft == batch.labels) & batch.valid).float()
