@@ -170,12 +170,12 @@ def _eval_data(args) -> int:
     from drafters.data import load_training_data
     from drafters.registry import load_drafter
     from drafters.train import target_matrices
-    from drafters.validate import greedy_acceptance
+    from drafters.validate import greedy_acceptance, greedy_only
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     _, sequences = load_training_data(args.data)
-    greedy = [s for s in sequences if s.seq_id % 2 == 0]  # drafters/data.py: even = greedy
+    greedy = greedy_only(sequences)
     _, emb, head = target_matrices(args.model)
     report = {"data": args.data, "sequences": len(greedy), "drafters": {}}
     for name in args.drafter:

@@ -19,6 +19,11 @@ from drafters.data import Sequence
 from drafters.packing import pack
 
 
+def greedy_only(sequences: list[Sequence]) -> list[Sequence]:
+    """The sequences the target answered greedily: even prompt indices (drafters/data.py)."""
+    return [s for s in sequences if s.seq_id % 2 == 0]
+
+
 def split_holdout(sequences: list[Sequence], share: float) -> tuple[list[Sequence], list[Sequence]]:
     """(train, held-out): every round(1/share)-th greedy sequence by prompt index is held out."""
     if share <= 0:

@@ -143,8 +143,7 @@ class Speculator:
         skip = not self.policy.drafting() and self.skipped_rounds < SKIP_PROBE - 1
         self.skipped_rounds = self.skipped_rounds + 1 if skip else 0
         if skip:
-            self.counters.num_draft_skips += num_requests
-            self.counters.verify_length_counts[0] += num_requests
+            self._count_skips(num_requests)
         return skip
 
     def _skips(self, request) -> bool:
@@ -153,9 +152,13 @@ class Speculator:
                 and request.skipped_drafts < SKIP_PROBE - 1)
         request.skipped_drafts = request.skipped_drafts + 1 if skip else 0
         if skip:
-            self.counters.num_draft_skips += 1
-            self.counters.verify_length_counts[0] += 1
+            self._count_skips(1)
         return skip
+
+    def _count_skips(self, num_requests: int) -> None:
+        """Request-rounds not drafted count as skips and as rounds that verified 0."""
+        self.counters.num_draft_skips += num_requests
+        self.counters.verify_length_counts[0] += num_requests
 
     def _sync_context(self, request) -> None:
         rid = request.request_id
