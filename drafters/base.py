@@ -2,7 +2,10 @@
 
     add(rid) / remove(rid)                 a request's own context cache
     extend(rid, tokens, features)          committed tokens with the target's features
-                                           (hidden states of config.feature_layers)
+                                           (hidden states of config.feature_layers); the
+                                           work waits until the request drafts again (or
+                                           FLUSH_TOKENS entries wait), so a request that is
+                                           not drafted for a while costs nothing meanwhile
     rollback(rid, num_tokens)              keep only the first num_tokens context entries
     propose(rids, anchors, temperatures)   gamma drafts per request -> DraftOutput
 
@@ -25,6 +28,8 @@ from drafters.vocab import SharedVocab
 from kernels.cpu_gemm import Linear
 
 log = logging.getLogger("dspark.drafters")
+
+FLUSH_TOKENS = 64  # context entries a request may have waiting before they are computed anyway
 
 
 @dataclass
@@ -55,9 +60,13 @@ class ContextCache:
 
     kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # [n, Hkv, D] x2
     ctx: torch.Tensor | None = None  # [n, d] fused features (chains need the last one)
+    # committed entries not computed yet: (tokens [m], features [m, n_layers, d]) in order
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    num_pending: int = 0
 
     @property
     def length(self) -> int:
+        """Computed entries (k/v and ctx exist for them)."""
         return 0 if self.ctx is None else self.ctx.shape[0]
 
 
@@ -94,22 +103,42 @@ class Drafter(ABC):
         self.caches.pop(rid, None)
 
     def context_length(self, rid: str) -> int:
-        return self.caches[rid].length
+        """Committed context entries, computed or waiting."""
+        cache = self.caches[rid]
+        return cache.length + cache.num_pending
 
-    @torch.no_grad()
     def extend(self, rid: str, tokens: torch.Tensor, features: torch.Tensor) -> None:
         """tokens: [m] committed token ids at positions n..n+m-1, features: [m, n_layers, d]."""
-        if tokens.shape[0]:
-            self._extend(self.caches[rid], tokens.to(self.device), features.to(self.device))
+        self.extend_many([rid], [tokens], features)
 
-    @torch.no_grad()
     def extend_many(self, rids: list[str], tokens: list[torch.Tensor], features: torch.Tensor) -> None:
         """extend() for several requests in one call: tokens[i] [m_i] for rids[i]; features
-        [Σ m_i, n_layers, d], request by request (m_i may be 0)."""
-        keep = [i for i, t in enumerate(tokens) if t.shape[0]]
-        if keep:
-            self._extend_many([self.caches[rids[i]] for i in keep],
-                              [tokens[i].to(self.device) for i in keep], features.to(self.device))
+        [Σ m_i, n_layers, d], request by request (m_i may be 0). The entries wait in each
+        cache until it drafts (or FLUSH_TOKENS of them wait)."""
+        features = features.to(self.device)
+        start, full = 0, []
+        for rid, t in zip(rids, tokens):
+            m = t.shape[0]
+            if m:
+                cache = self.caches[rid]
+                cache.pending.append((t.to(self.device), features[start:start + m]))
+                cache.num_pending += m
+                if cache.num_pending >= FLUSH_TOKENS:
+                    full.append(cache)
+            start += m
+        self._flush(full)
+
+    @torch.no_grad()
+    def _flush(self, caches: list[ContextCache]) -> None:
+        """Compute the waiting entries of these caches, in one _extend_many call."""
+        caches = [c for c in caches if c.num_pending]
+        if not caches:
+            return
+        tokens = [torch.cat([t for t, _ in c.pending]) for c in caches]
+        features = torch.cat([f for c in caches for _, f in c.pending])  # [Σ m, n_layers, d]
+        for c in caches:
+            c.pending, c.num_pending = [], 0
+        self._extend_many(caches, tokens, features)
 
     def _extend_many(self, caches: list[ContextCache], tokens: list[torch.Tensor],
                      features: torch.Tensor) -> None:
@@ -119,6 +148,7 @@ class Drafter(ABC):
 
     def rollback(self, rid: str, num_tokens: int) -> None:
         cache = self.caches[rid]
+        self._flush([cache])
         if num_tokens < cache.length:
             cache.kv = [(k[:num_tokens], v[:num_tokens]) for k, v in cache.kv]
             cache.ctx = cache.ctx[:num_tokens]
@@ -130,10 +160,12 @@ class Drafter(ABC):
         (0 = greedy). forced: [R, gamma] tokens to feed back instead of the sampled drafts
         (tests compare the cached path with training's teacher forcing)."""
         dev = self.device
+        caches = [self.caches[r] for r in rids]
+        self._flush(caches)
         # an all-greedy round (known where temperatures live, the host in the engine) draws no
         # random numbers: _propose gets None
         temps = temperatures.to(dev) if bool(temperatures.any()) else None
-        return self._propose([self.caches[r] for r in rids], anchors.to(dev), temps,
+        return self._propose(caches, anchors.to(dev), temps,
                              None if forced is None else forced.to(dev))
 
     def sample(self, logits: torch.Tensor, temperatures: torch.Tensor | None

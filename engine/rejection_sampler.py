@@ -80,11 +80,7 @@ def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor,
     draft_token_ids: [D] long, x_k sampled from the matching draft_probs row.
     num_drafts: [R] long ℓ_r, each in 0..γ with γ = randoms.uniforms.shape[1].
     """
-    gamma = randoms.uniforms.shape[1]
-    draft_start = torch.cumsum(num_drafts, 0) - num_drafts  # [R] first draft row of request r
-    target_start = draft_start + torch.arange(num_drafts.shape[0], device=num_drafts.device)  # [R]
-    k = torch.arange(gamma, device=num_drafts.device)  # [γ]
-    is_draft = k[None, :] < num_drafts[:, None]  # [R, γ] draft k+1 exists
+    draft_start, target_start, k, is_draft = _layout(num_drafts, randoms.uniforms.shape[1])
     drafts, p_t, p_d = _draft_probs(target_probs, draft_probs, draft_token_ids, is_draft,
                                     draft_start, target_start, k)  # each [R, γ]
     # accept x_k with probability min(1, p_t(x_k) / p_d(x_k)); p_t(x_k) = 0 never passes
@@ -93,7 +89,43 @@ def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor,
     num_accepted = torch.cumprod(passed.long(), dim=1).sum(dim=1)  # [R] leading passes
     last = _recovered_or_bonus(target_probs, draft_probs, num_accepted, num_drafts,
                                draft_start, target_start, randoms.exponentials)  # [R]
-    column = torch.arange(gamma + 1, device=num_drafts.device)[None, :]  # [1, γ+1]
+    return _emitted(drafts, num_accepted, last)
+
+
+def greedy_sample(target_ids: torch.Tensor, draft_token_ids: torch.Tensor,
+                  num_drafts: torch.Tensor, gamma: int) -> RejectionOutput:
+    """rejection_sample when every request is greedy, on argmax ids instead of [·, V] rows.
+
+    target_ids: [R + D] long argmax p_t(·|k), laid out as rejection_sample's target_probs.
+    With one-hot p_t the acceptance ratio is 1 where x_k is the argmax and 0 elsewhere, so
+    draft k is accepted iff every x_j = argmax_j for j <= k, and the recovered or bonus token
+    is the argmax after them: the same tokens, with no draft distribution or random number.
+    """
+    draft_start, target_start, k, is_draft = _layout(num_drafts, gamma)
+    drafts = torch.zeros(is_draft.shape, dtype=torch.long, device=is_draft.device)  # [R, γ]
+    passed = torch.zeros_like(is_draft)
+    if draft_token_ids.shape[0] > 0:  # somebody drafted (a shape, known on the host)
+        draft_row = (draft_start[:, None] + k).clamp(max=draft_token_ids.shape[0] - 1)
+        target_row = (target_start[:, None] + k).clamp(max=target_ids.shape[0] - 1)
+        drafts = torch.where(is_draft, draft_token_ids[draft_row], 0)
+        passed = is_draft & (drafts == target_ids[target_row])
+    num_accepted = torch.cumprod(passed.long(), dim=1).sum(dim=1)  # [R]
+    return _emitted(drafts, num_accepted, target_ids[target_start + num_accepted])
+
+
+def _layout(num_drafts: torch.Tensor, gamma: int):
+    """Where request r's rows are: (first draft row [R], first target row [R], k = 0..γ-1 [γ],
+    is_draft [R, γ]: draft k+1 exists)."""
+    draft_start = torch.cumsum(num_drafts, 0) - num_drafts
+    target_start = draft_start + torch.arange(num_drafts.shape[0], device=num_drafts.device)
+    k = torch.arange(gamma, device=num_drafts.device)
+    return draft_start, target_start, k, k[None, :] < num_drafts[:, None]
+
+
+def _emitted(drafts: torch.Tensor, num_accepted: torch.Tensor, last: torch.Tensor
+             ) -> RejectionOutput:
+    """drafts [R, γ], num_accepted [R], last [R] (the recovered or bonus token) -> the output."""
+    column = torch.arange(drafts.shape[1] + 1, device=drafts.device)[None, :]  # [1, γ+1]
     padded = torch.cat([drafts, torch.zeros_like(drafts[:, :1])], dim=1)  # [R, γ+1]
     token_ids = torch.where(column < num_accepted[:, None], padded, 0)
     token_ids = torch.where(column == num_accepted[:, None], last[:, None], token_ids)

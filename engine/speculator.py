@@ -22,8 +22,12 @@ Two decisions read only the request's past, never this round's drafts, so both s
                    SKIP_PROBE-th round it is drafted again, so fresh confidences can win it back
     round skipping when the policy says drafting does not pay at all (scheduler/policy.py:
                    the drafting time d outweighs what any verification length would gain,
-                   judged on confidences `lag` rounds old), no request is drafted, except every
-                   SKIP_PROBE-th round, whose confidences let the policy change its mind
+                   judged on the confidences of a past drafted round), no request is drafted,
+                   except probe rounds, whose confidences let the policy change its mind. The
+                   first probe comes SKIP_PROBE rounds in; while the verdict stands the gap
+                   doubles, up to PROBE_MAX. A batch under PROBE_SHRINK of the last drafted
+                   one is probed at once: fewer requests make a step cheaper, so a verdict
+                   on more requests no longer applies
 """
 from __future__ import annotations
 
@@ -37,11 +41,13 @@ import torch
 from engine.allocation import AllocationPolicy
 from engine.batcher import ScheduledBatch
 from engine.messages import SpecDecodeStats
-from engine.rejection_sampler import (StopTokens, draw_round_randoms, rejection_sample,
-                                      truncate_at_stop)
+from engine.rejection_sampler import (StopTokens, draw_round_randoms, greedy_sample,
+                                      rejection_sample, truncate_at_stop)
 from engine.sampler import SamplingTensors, filtered_probs_batch, request_generator
 
 SKIP_PROBE = 4  # a skipping request is drafted again after this many skipped rounds
+PROBE_MAX = 32  # the most rounds between probes while drafting does not pay
+PROBE_SHRINK = 0.75  # a batch under this share of the last drafted one is probed at once
 FLOOR_MAX_WEIGHT = 4.0  # the most a lagging request's survival is weighted
 
 
@@ -101,6 +107,8 @@ class Speculator:
         self.counters = SpecCounters(self.gamma)
         self.skip_after = skip_after  # 0: always draft
         self.skipped_rounds = 0  # rounds in a row not drafted because drafting did not pay
+        self.probe_every = SKIP_PROBE  # rounds from one probe to the next
+        self.drafted_requests = 0  # requests in the latest drafted round
 
     def forget(self, request_id: str) -> None:
         self.drafter.remove(request_id)
@@ -140,11 +148,18 @@ class Speculator:
 
     def _skips_round(self, num_requests: int) -> bool:
         """Draft nobody this round (each request counts as a round that verified 0)?"""
-        skip = not self.policy.drafting() and self.skipped_rounds < SKIP_PROBE - 1
-        self.skipped_rounds = self.skipped_rounds + 1 if skip else 0
-        if skip:
+        if self.policy.drafting():
+            self.probe_every = SKIP_PROBE
+        elif (self.skipped_rounds < self.probe_every - 1
+              and num_requests >= PROBE_SHRINK * self.drafted_requests):
+            self.skipped_rounds += 1
             self._count_skips(num_requests)
-        return skip
+            return True
+        else:  # a probe: the next one comes later unless the verdict changes
+            self.probe_every = min(2 * self.probe_every, PROBE_MAX)
+        self.skipped_rounds = 0
+        self.drafted_requests = num_requests
+        return False
 
     def _skips(self, request) -> bool:
         """Skip drafting this round (and count it as a round that verified 0)?"""
@@ -179,15 +194,19 @@ class Speculator:
         if not due:
             return emitted, accepted
         requests = [batch.requests[r] for r in due]
-        params = [p for r, row in zip(requests, due) for p in [r.params] * counts[row]]
-        p_t = filtered_probs_batch(logits, SamplingTensors.from_params(params, logits.device))
         num_drafts = torch.tensor([len(plan.drafts[r]) for r in due], device=logits.device)
         tokens = torch.tensor([t for r in due for t in plan.drafts[r]], dtype=torch.long,
                               device=logits.device)
-        randoms = draw_round_randoms([None if r.params.greedy else request_generator(r, self.device)
-                                      for r in requests],
-                                     self.gamma, self.vocab_size, logits.device)
-        out = rejection_sample(p_t, plan.draft_probs, tokens, num_drafts, randoms)
+        if all(r.params.greedy for r in requests):  # one-hot p_t: compare ids, no [·, V] rows
+            out = greedy_sample(logits.argmax(dim=-1), tokens, num_drafts, self.gamma)
+        else:
+            params = [p for r, row in zip(requests, due) for p in [r.params] * counts[row]]
+            p_t = filtered_probs_batch(logits, SamplingTensors.from_params(params, logits.device))
+            randoms = draw_round_randoms([None if r.params.greedy
+                                          else request_generator(r, self.device)
+                                          for r in requests], self.gamma, self.vocab_size,
+                                         logits.device)
+            out = rejection_sample(p_t, plan.draft_probs, tokens, num_drafts, randoms)
         stops = StopTokens.from_sets([self._stop_ids(r.params) for r in requests], logits.device)
         n_emit, _ = truncate_at_stop(out, stops)
         token_rows, n_emit, n_acc = out.token_ids.tolist(), n_emit.tolist(), out.num_accepted.tolist()

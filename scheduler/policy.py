@@ -12,8 +12,8 @@ Every round t the engine calls lengths(confidences [R, γ], γ, R). The policy
        survival weighted by each request's SLA-floor priority (≥ 1; engine/speculator.py).
 The snapshot also carries the round's drafting time d, so the process weighs it too; when its
 answer says plain decoding beats every capacity, drafting() turns False and the engine stops
-drafting, except for probe rounds whose fresh confidences can say otherwise (the decision reads
-rounds at least `lag` old, never this round's tokens: lossless).
+drafting, except for probe rounds whose fresh confidences can say otherwise (drafting() reads the
+newest answer that has arrived, always a past round's, never this round's tokens: lossless).
 With a RecalibrationConfig, observe() also feeds every served round to an OnlineRecalibrator
 (scheduler/recalibrate.py); its periodic drift check and refit run in one worker thread, and a
 refitted calibration is swapped in at the first observe() after it is ready.
@@ -110,8 +110,15 @@ class PrefixSchedulerPolicy:
         return top_k_lengths(a, self.capacity, priority)
 
     def drafting(self) -> bool:
-        """Does the newest usable answer say drafting pays? (True before any answer.)"""
-        return self._current is None or self._current.drafts
+        """Does the newest answer say drafting pays? (True before any answer.) Any answer that
+        has arrived judges a past round, so acting on it at once stays lossless."""
+        if self.process is not None:
+            try:
+                self._collect(self.process.receive())
+            except DIED:
+                pass  # the next lengths() call restarts it
+        newest = max(self._pending.values(), key=lambda a: a.round, default=self._current)
+        return newest is None or newest.drafts
 
     def survival(self, confidences: np.ndarray) -> np.ndarray:
         """[R, γ] drafter confidences -> calibrated prefix survival [R, γ]."""

@@ -139,16 +139,34 @@ def test_extend_many_equals_one_request_at_a_time(method: str, head: str) -> Non
                         [seqs[0].tokens[5:-1], seqs[1].tokens[5:-1], seqs[2].tokens[5:-1], empty],
                         torch.cat([s.features[5:-1] for s in seqs]))
     anchors = torch.stack([s.tokens[-1] for s in seqs])
-    for i in range(3):
+    alone = drafter.propose(["one0", "one1", "one2"], anchors, torch.zeros(3))
+    batched = drafter.propose(["many0", "many1", "many2"], anchors, torch.zeros(3))
+    assert torch.equal(alone.tokens, batched.tokens)
+    for i in range(3):  # proposing computed every waiting entry
         one, many = drafter.caches[f"one{i}"], drafter.caches[f"many{i}"]
-        assert one.length == many.length == len(seqs[i].tokens) - 1
+        assert one.length == many.length == len(seqs[i].tokens) - 1 and many.num_pending == 0
         torch.testing.assert_close(many.ctx, one.ctx)
         for (k1, v1), (k2, v2) in zip(one.kv, many.kv):
             torch.testing.assert_close(k2, k1)
             torch.testing.assert_close(v2, v1)
-    alone = drafter.propose(["one0", "one1", "one2"], anchors, torch.zeros(3))
-    batched = drafter.propose(["many0", "many1", "many2"], anchors, torch.zeros(3))
-    assert torch.equal(alone.tokens, batched.tokens)
+
+
+def test_context_entries_wait_until_the_request_drafts() -> None:
+    """extend() only queues entries; propose(), rollback() or FLUSH_TOKENS waiting compute them."""
+    from drafters.base import FLUSH_TOKENS
+
+    drafter = build_drafter(tiny_config("dspark", "markov"), tiny_vocab())
+    randomize(drafter.model, 4)
+    s = tiny_sequence(0, FLUSH_TOKENS + 20, 2, 7)
+    drafter.add("a")
+    for t in range(10):
+        drafter.extend("a", s.tokens[t:t + 1], s.features[t:t + 1])
+    cache = drafter.caches["a"]
+    assert (cache.length, cache.num_pending, drafter.context_length("a")) == (0, 10, 10)
+    drafter.rollback("a", 8)  # computes the waiting entries, then cuts them
+    assert (cache.length, cache.num_pending) == (8, 0)
+    drafter.extend("a", s.tokens[8:FLUSH_TOKENS + 8], s.features[8:FLUSH_TOKENS + 8])
+    assert (cache.length, cache.num_pending) == (FLUSH_TOKENS + 8, 0)  # too many waited
 
 def test_rollback_restores_the_shorter_context() -> None:
     drafter = build_drafter(tiny_config("eagle3"), tiny_vocab())

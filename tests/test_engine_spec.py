@@ -50,7 +50,7 @@ class ScriptedDrafter(Drafter):
     def propose(self, rids, anchors, temperatures, forced=None):
         rows = []
         for rid in rids:
-            n = self.caches[rid].length
+            n = self.context_length(rid)
             row = (self.script[rid][n + 1:n + 1 + self.gamma] + [7] * self.gamma)[:self.gamma]
             for k in range(self.gamma):
                 self.count += 1
@@ -209,18 +209,35 @@ class NotPayingPolicy(RecordingPolicy):
 
 
 def test_rounds_are_not_drafted_while_drafting_does_not_pay(tiny_llama_dir, prompts, reference):
-    """policy.drafting() False: only every SKIP_PROBE-th round drafts (a probe); every decoding
-    request of the other rounds counts as a skip with ℓ = 0; output stays the greedy one."""
+    """policy.drafting() False: only probe rounds draft; every decoding request of the other
+    rounds counts as a skip with ℓ = 0; output stays the greedy one."""
     core = make_core(tiny_llama_dir, draft_skip_after=0)
     policy = NotPayingPolicy()
     core.enable_speculation(drafter_for(core, "dspark", "markov"), policy)
     assert core.generate(prompts[:8], GREEDY) == reference[:8]
     spec = core.stats().spec
     drafted = sum(n for n, _ in policy.calls)
-    assert spec.num_draft_skips >= 2 * drafted  # SKIP_PROBE - 1 = 3 skipped rounds per probe
+    assert spec.num_draft_skips >= 2 * drafted  # at least SKIP_PROBE - 1 = 3 skips per probe
     assert spec.verify_length_counts[0] == spec.num_draft_skips
     assert spec.num_draft_tokens == 2 * drafted  # probe rounds verify what the policy says
     assert all(d > 0 for d in policy.draft_seconds)  # the engine timed every drafting round
+
+
+def test_probes_back_off_while_drafting_does_not_pay_and_come_back_for_smaller_batches():
+    from types import SimpleNamespace
+
+    from engine.speculator import PROBE_MAX, Speculator
+
+    policy = NotPayingPolicy()
+    drafter = SimpleNamespace(gamma=4, config=SimpleNamespace(feature_layers=(1,)))
+    spec = Speculator(drafter, policy, 4, 10, (0,), 64, torch.device("cpu"))
+    probes = [t for t in range(60) if not spec._skips_round(8)]
+    assert probes == [3, 11, 27, 59]  # gaps 4, 8, 16, 32 (PROBE_MAX)
+    assert all(spec._skips_round(8) for _ in range(PROBE_MAX - 1)) and not spec._skips_round(8)
+    assert spec._skips_round(6) and not spec._skips_round(5)  # 5 < 0.75 · 8: judged afresh
+    assert spec.counters.num_draft_skips == 8 * (60 - 4 + PROBE_MAX - 1) + 6  # request-rounds
+    policy.drafting = lambda: True  # the verdict turns: every round drafts, the gap resets
+    assert not any(spec._skips_round(8) for _ in range(5)) and spec.probe_every == 4
 
 
 def test_requests_below_their_sla_floor_get_priority(tiny_llama_dir, prompts, reference):

@@ -10,7 +10,8 @@ import torch
 
 from engine.messages import SamplingParams
 from engine.rejection_sampler import (RejectionOutput, RoundRandoms, StopTokens,
-                                      draw_round_randoms, rejection_sample, truncate_at_stop)
+                                      draw_round_randoms, greedy_sample, rejection_sample,
+                                      truncate_at_stop)
 from engine.sampler import SamplingTensors, filtered_probs, filtered_probs_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -127,6 +128,15 @@ def test_greedy_is_the_argmax_prefix_rule(seed, drawn):
         expected.append(ids[d:d + n] + [int(best[t + n])])
         t, d = t + ell + 1, d + ell
     assert as_lists(out) == expected
+    fast = greedy_sample(best, torch.tensor(ids), torch.tensor(num_drafts), 5)  # ids, no rows
+    assert as_lists(fast) == expected
+    assert torch.equal(fast.num_accepted, out.num_accepted)
+
+
+def test_greedy_sample_without_drafts_emits_each_argmax():
+    best = torch.tensor([4, 0, 7])
+    out = greedy_sample(best, torch.zeros(0, dtype=torch.long), torch.zeros(3, dtype=torch.long), 5)
+    assert as_lists(out) == [[4], [0], [7]] and out.token_ids.shape == (3, 6)
 
 
 # ---- emitted distributions equal the target's ---------------------------------------------------

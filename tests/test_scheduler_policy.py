@@ -80,12 +80,15 @@ def test_process_says_whether_drafting_pays():
         proc.close()
 
 
-def test_policy_stops_drafting_from_answers_lag_rounds_old():
+def test_policy_stops_drafting_on_the_newest_answer():
     with SettledPolicy(CURVE) as policy:
-        for t in range(5):
-            assert policy.drafting()  # answers to rounds 0, 1 (cheap drafting) say draft
-            policy.lengths(confidences(t), GAMMA, R, draft_seconds=0.0005 if t < 2 else 1.0)
-        assert not policy.drafting()  # round 4 used snapshot 2's answer: a second never pays
+        assert policy.drafting()  # no answer yet
+        for t in range(2):
+            policy.lengths(confidences(t), GAMMA, R, draft_seconds=0.0005)
+            assert policy.drafting()  # answered: half a millisecond of drafting pays
+        policy.lengths(confidences(2), GAMMA, R, draft_seconds=1.0)
+        assert not policy.drafting()  # round 2 answered before round 3: a second never pays
+        assert policy.stats().capacity_round == 0  # capacities still come from t − lag
     with SettledPolicy(CURVE, config=PolicyConfig(draft_cost=False)) as plain:
         for t in range(5):
             plain.lengths(confidences(t), GAMMA, R, draft_seconds=1.0)
