@@ -6,6 +6,9 @@ as one finishes) over 2c held-out prompts (at least 4), greedy:
     per_user_tps   median over requests of (tokens - 1) / (finish - first token)
     aggregate_tps  generated tokens / wall time
     mean_verify_len  mean drafted tokens verified per request and round at that level
+With repeats > 1 every level runs that many times per method, the methods interleaved (their
+order rotating), and each figure is the median of its repeats: drift of the machine between
+methods then shows up in every method alike instead of in one.
 Each method's curve (aggregate, per-user) over c is its speed/throughput frontier (PNG).
 SLAs, chosen as the paper did against the production baseline mtp1:
     strict    = 90% of mtp1's best per-user speed (mtp1 at its ceiling)
@@ -16,6 +19,7 @@ speed meets the SLA (0 when none does); gain_vs_mtp1_* divide dspark+scheduler's
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import dataclass
 
 from engine.bench_spec import bench_prompts, closed_loop
@@ -41,6 +45,11 @@ class SlaBenchConfig:
     drafter_dir: str = ""  # drafters in drafter_dir/<method>; "" = the shipped ones
     strict_share: float = 0.9
     moderate_share: float = 0.6
+    repeats: int = 1  # runs of each level per method, interleaved; figures are their medians
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
 
 
 def _core(cfg: SlaBenchConfig, name: str) -> EngineCore:
@@ -58,21 +67,41 @@ def _mean_verify_len(before, after) -> float:
     return round(sum(k * c for k, c in enumerate(counts)) / total, 3) if total else 0.0
 
 
-def run_method(cfg: SlaBenchConfig, name: str, prompts: list[list[int]]) -> dict:
-    core = _core(cfg, name)
+def run_level(core: EngineCore, prompts: list[list[int]], c: int, max_tokens: int) -> dict:
+    """One closed-loop run at concurrency c over 2c prompts (at least 4)."""
+    work = [prompts[i % len(prompts)] for i in range(max(4, 2 * c))]
+    before = core.stats().spec
+    stats, _ = closed_loop(core, work, c, max_tokens)
+    stats["mean_verify_len"] = _mean_verify_len(before, core.stats().spec)
+    return stats
+
+
+def median_row(runs: list[dict]) -> dict:
+    """Each figure's median over the repeats of one method at one level."""
+    return {key: round(statistics.median(r[key] for r in runs), 3) for key in runs[0]}
+
+
+def run_methods(cfg: SlaBenchConfig, prompts: list[list[int]]) -> dict:
+    """{method: {level: figures}}, every method's engine alive throughout, levels in order,
+    the methods interleaved within each level."""
+    cores = {}
     try:
-        closed_loop(core, prompts[:2], 2, 4)  # warm-up
-        rows = {}
+        for name in cfg.methods:
+            cores[name] = _core(cfg, name)
+            closed_loop(cores[name], prompts[:2], 2, 4)  # warm-up
+        rows: dict = {name: {} for name in cfg.methods}
         for c in cfg.levels:
-            n = max(4, 2 * c)
-            work = [prompts[i % len(prompts)] for i in range(n)]
-            before = core.stats().spec
-            stats, _ = closed_loop(core, work, c, cfg.max_tokens)
-            stats["mean_verify_len"] = _mean_verify_len(before, core.stats().spec)
-            rows[str(c)] = stats
+            runs: dict = {name: [] for name in cfg.methods}
+            for rep in range(cfg.repeats):
+                shift = rep % len(cfg.methods)
+                for name in cfg.methods[shift:] + cfg.methods[:shift]:
+                    runs[name].append(run_level(cores[name], prompts, c, cfg.max_tokens))
+            for name in cfg.methods:
+                rows[name][str(c)] = median_row(runs[name])
         return rows
     finally:
-        core.close()
+        for core in cores.values():
+            core.close()
 
 
 def sustained(rows: dict, sla: float) -> float:
@@ -83,16 +112,14 @@ def sustained(rows: dict, sla: float) -> float:
 def bench_sla(cfg: SlaBenchConfig) -> dict:
     from server.text import TextProcessor
 
-    result: dict = {"max_tokens": cfg.max_tokens, "levels": list(cfg.levels), "methods": {}}
-    prompts = None
-    for name in cfg.methods:
-        if prompts is None:
-            probe = _core(cfg, "none")
-            text = TextProcessor.from_dir(probe.tokenizer_dir)
-            prompts = bench_prompts_for(text, max(cfg.levels), probe.max_model_len, cfg.max_tokens)
-            result.update(model=probe.model_cfg.name,
-                          dtype=str(probe.runner.dtype).removeprefix("torch."))
-        result["methods"][name] = run_method(cfg, name, prompts)
+    probe = _core(cfg, "none")
+    text = TextProcessor.from_dir(probe.tokenizer_dir)
+    prompts = bench_prompts_for(text, max(cfg.levels), probe.max_model_len, cfg.max_tokens)
+    result: dict = {"max_tokens": cfg.max_tokens, "levels": list(cfg.levels),
+                    "repeats": cfg.repeats, "model": probe.model_cfg.name,
+                    "dtype": str(probe.runner.dtype).removeprefix("torch.")}
+    del probe
+    result["methods"] = run_methods(cfg, prompts)
     _sla_fields(cfg, result)
     return result
 

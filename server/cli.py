@@ -90,6 +90,8 @@ def _bench_args(sub) -> None:
     a.add_argument("--dtype", default="auto", choices=DTYPES)
     a.add_argument("--max-tokens", type=int, default=48)
     a.add_argument("--levels", default="1,2,4,8,16,32", help="closed-loop concurrency levels")
+    a.add_argument("--repeats", type=int, default=1, help="runs of each level per method, the "
+                   "methods interleaved; each figure is the median of its runs")
     a.add_argument("--json", default=None, help="write the results here")
     a.add_argument("--plot", default=None, help="PNG of the speed/throughput frontier")
     c = which.add_parser("scheduler", help="SLA floors, draft skipping and online recalibration "
@@ -230,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             from engine.bench_sla import SlaBenchConfig, main as sla_main
 
             sla_main(SlaBenchConfig(model=args.model, dtype=args.dtype, max_tokens=args.max_tokens,
-                                    levels=_levels(args.levels)), args.json, args.plot)
+                                    levels=_levels(args.levels), repeats=args.repeats),
+                     args.json, args.plot)
         elif args.command == "bench" and args.bench == "scheduler":
             from engine.bench_scheduler import SchedulerBenchConfig, main as scheduler_main
 

@@ -22,7 +22,9 @@ def test_bench_sla_fields_and_plot(tiny_llama_dir, tmp_path, monkeypatch):
     save_drafter(drafter_for(core, "mtp1"), tmp_path / "d" / "mtp1")
     out, png = tmp_path / "sla.json", tmp_path / "sla.png"
     result = main(SlaBenchConfig(model=str(tiny_llama_dir), dtype="float32", max_tokens=6,
-                                 levels=(1, 2, 4), drafter_dir=str(tmp_path / "d")), str(out), str(png))
+                                 levels=(1, 2, 4), drafter_dir=str(tmp_path / "d"), repeats=2),
+                  str(out), str(png))
+    assert result["repeats"] == 2
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert set(result["methods"]) == {"dspark+scheduler", "dspark-fixed", "mtp1", "none"}
     for rows in result["methods"].values():
@@ -41,3 +43,14 @@ def test_sustained_throughput_is_the_best_level_meeting_the_sla():
             "8": {"per_user_tps": 9.0, "aggregate_tps": 90.0}}
     assert sustained(rows, 20.0) == 70.0
     assert sustained(rows, 31.0) == 0.0
+
+
+def test_figures_are_medians_of_the_repeats():
+    from engine.bench_sla import median_row
+
+    runs = [{"per_user_tps": 3.0, "aggregate_tps": 9.0, "mean_verify_len": 0.5},
+            {"per_user_tps": 1.0, "aggregate_tps": 30.0, "mean_verify_len": 0.1},
+            {"per_user_tps": 2.0, "aggregate_tps": 10.0, "mean_verify_len": 0.2}]
+    assert median_row(runs) == {"per_user_tps": 2.0, "aggregate_tps": 10.0, "mean_verify_len": 0.2}
+    with pytest.raises(ValueError):
+        SlaBenchConfig(repeats=0)
