@@ -47,8 +47,9 @@ class PackedBatch:
 
 
 def valid_anchors(seq: Sequence) -> torch.Tensor:
-    """Positions a with a and a+1 supervised. [M]"""
-    m = seq.loss_mask
+    """Positions a >= 1 with a and a+1 supervised (a block also reads the context at a - 1). [M]"""
+    m = seq.loss_mask.clone()
+    m[0] = False
     return torch.nonzero(m[:-1] & m[1:]).squeeze(-1)
 
 
