@@ -46,9 +46,6 @@ def add_commands(sub) -> None:
     t.add_argument("--kl", type=float, default=1.0,
                    help="dspark: weight of the KL(target || draft) term added to the paper's loss "
                         "(0 = the paper's loss)")
-    t.add_argument("--no-anchor-feature", action="store_true",
-                   help="dspark/dflash: the paper's backbone, without the context entry before "
-                        "the anchor added to its input")
     t.add_argument("--holdout", type=float, default=0.0,
                    help="share of greedy sequences held out; held-out greedy tau is printed at "
                         "every checkpoint and saved with the drafter")
@@ -136,8 +133,7 @@ def _train_drafter(args) -> int:
                       block_size=args.block_size, num_layers=args.layers, head_rank=args.head_rank,
                       draft_vocab=args.draft_vocab, steps=args.steps,
                       seqs_per_step=args.seqs_per_step, anchors_per_seq=args.anchors_per_seq,
-                      lr=args.lr, kl=args.kl, anchor_feature=not args.no_anchor_feature,
-                      holdout=args.holdout, model=args.model,
+                      lr=args.lr, kl=args.kl, holdout=args.holdout, model=args.model,
                       device=args.device)
     print(f"drafter saved in {train(cfg)}")
     return 0

@@ -25,10 +25,6 @@ class DrafterConfig:
     head_rank: int = 64  # r of the Markov/RNN heads (paper: 256 for a 150k vocabulary)
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # the target's
-    # dspark/dflash: the block's anchor input also gets the fused context entry just before
-    # it (the target state that produced the anchor), a direct path as Eagle's chain has;
-    # False is the paper's backbone (drafters trained before it existed load with False)
-    anchor_feature: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -43,8 +39,6 @@ class DrafterConfig:
             raise ValueError("block_size and num_layers must be >= 1")
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
-        if self.anchor_feature and not self.parallel:
-            raise ValueError("anchor_feature is a dspark/dflash backbone option")
 
     @property
     def parallel(self) -> bool:

@@ -47,9 +47,8 @@ class PackedBatch:
 
 
 def valid_anchors(seq: Sequence) -> torch.Tensor:
-    """Positions a >= 1 with a and a+1 supervised (a block also reads the context at a - 1). [M]"""
-    m = seq.loss_mask.clone()
-    m[0] = False
+    """Positions a with a and a+1 supervised. [M]"""
+    m = seq.loss_mask
     return torch.nonzero(m[:-1] & m[1:]).squeeze(-1)
 
 

@@ -5,9 +5,6 @@ Context: ctx = RMSNorm(W_fc [h_l1;...;h_ln]) for every context token; in every l
 context's keys/values are that layer's k/v projections of ctx (KV injection), cached per request.
 Block: [anchor, MASK x (gamma-1)] at positions a..a+gamma-1; queries come from the block only,
 bidirectional inside the block; output position i (0-based) predicts the token at a+i+1.
-With config.anchor_feature the anchor's input is embed(anchor) + ctx_{a-1}, the fused features
-of the position before it (beyond the paper: Eagle's chain feeds that state directly, and a
-2-layer backbone trained briefly finds it slowly through attention alone).
 One backbone pass gives base logits U_k and states h_k for all gamma positions; the head then
 adds B_k left to right (drafters/heads.py).
 """
@@ -37,19 +34,17 @@ class ParallelDrafterModel(nn.Module):
         self.head = SequentialHead(cfg) if cfg.head != "none" else None
 
     # ---- shared by training and drafting ---------------------------------------------------
-    def context_kv(self, ctx: torch.Tensor, positions: torch.Tensor) -> list[tuple]:
-        """ctx: [T, d] fused features at positions [T] -> per layer (k, v) [T, Hkv, D]."""
+    def context_kv(self, features: torch.Tensor, positions: torch.Tensor) -> list[tuple]:
+        """features: [T, n, d] at positions [T] -> per layer (k, v) [T, Hkv, D]."""
+        ctx = self.fusion(features)  # [T, d]
         return [layer.kv(ctx, positions) for layer in self.layers]
 
     def backbone(self, anchors: torch.Tensor, anchor_pos: torch.Tensor, ctx_kv: list[tuple],
-                 groups: list[Group], before: torch.Tensor | None = None) -> torch.Tensor:
-        """anchors/anchor_pos: [N], before: [N, d] ctx at anchor_pos - 1 (used with
-        config.anchor_feature) -> block states [N, gamma, d] (after the final norm)."""
+                 groups: list[Group]) -> torch.Tensor:
+        """anchors/anchor_pos: [N] -> block states [N, gamma, d] (after the final norm)."""
         g = self.cfg.block_size
         h = self.mask_embedding.expand(anchors.shape[0], g, -1).clone()  # [N, g, d]
         h[:, 0] = self.vocab.embed(anchors)
-        if self.cfg.anchor_feature:
-            h[:, 0] += before
         positions = (anchor_pos[:, None] + torch.arange(g, device=anchors.device)).flatten()  # [N*g]
         h = h.flatten(0, 1)
         for layer, (k, v) in zip(self.layers, ctx_kv):
@@ -67,11 +62,9 @@ class ParallelDrafterModel(nn.Module):
     # ---- training: all blocks of a packed batch in one pass --------------------------------
     def train_forward(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (logits [N, gamma, Vd], confidence logits [N, gamma] or None), teacher-forced."""
-        ctx = self.fusion(batch.features)  # [T, d]
-        ctx_kv = self.context_kv(ctx, batch.positions)
-        # an anchor is an answer token, so the row before it is its own sequence's
+        ctx_kv = self.context_kv(batch.features, batch.positions)
         hidden = self.backbone(batch.tokens[batch.anchor_rows], batch.anchor_pos, ctx_kv,
-                               self._train_groups(batch), ctx[batch.anchor_rows - 1])
+                               self._train_groups(batch))
         base = self.vocab.logits(hidden)  # [N, g, Vd]
         if self.head is None:
             return base, None
@@ -116,7 +109,7 @@ class ParallelDrafter(Drafter):
         sizes = [t.shape[0] for t in tokens]
         positions = torch.cat([torch.arange(c.length, c.length + m) for c, m in zip(caches, sizes)])
         ctx = self.model.fusion(features)  # [Σm, d]
-        kv = self.model.context_kv(ctx, positions.to(ctx.device))  # per layer 2 x [Σm, Hkv, D]
+        kv = [layer.kv(ctx, positions.to(ctx.device)) for layer in self.model.layers]  # 2 x [Σm, Hkv, D]
         start = 0
         for cache, m in zip(caches, sizes):
             rows = slice(start, start + m)
@@ -129,8 +122,7 @@ class ParallelDrafter(Drafter):
         ctx_kv, rows = cat_caches(caches, len(model.layers))
         groups = [Group(slice(r * g, (r + 1) * g), rows[r], None) for r in range(len(caches))]
         anchor_pos = torch.tensor([c.length for c in caches], device=anchors.device)
-        before = torch.stack([c.ctx[-1] for c in caches])  # [R, d] ctx at anchor_pos - 1
-        hidden = model.backbone(anchors, anchor_pos, ctx_kv, groups, before)  # [R, g, d]
+        hidden = model.backbone(anchors, anchor_pos, ctx_kv, groups)  # [R, g, d]
         base = model.vocab.logits(hidden)  # [R, g, Vd]
         state = hidden.new_zeros(len(caches), self.config.head_rank)
         prev, tokens, probs, confs = anchors, [], [], []

@@ -48,7 +48,6 @@ class TrainConfig:
     warmup: float = 0.04  # share of steps
     clip: float = 1.0
     kl: float = 1.0  # dspark only: weight of KL(p_t || p_d) added to the paper's loss (0 = paper)
-    anchor_feature: bool = True  # dspark/dflash: anchor input + ctx before it (parallel.py)
     seed: int = 0
     checkpoint_every: int = 100
     holdout: float = 0.0  # share of greedy sequences held out for validation (drafters/validate.py)
@@ -90,7 +89,6 @@ def make_drafter(tc: TrainConfig, data_meta: dict, sequences, target: ModelConfi
         target_vocab=target.vocab_size, head=tc.head if tc.method == "dspark" else "none",
         block_size=1 if tc.method == "mtp1" else tc.block_size, num_layers=tc.num_layers,
         head_rank=tc.head_rank,
-        anchor_feature=tc.anchor_feature and tc.method in ("dspark", "dflash"),
         num_heads=target.num_heads, num_kv_heads=target.num_kv_heads, head_dim=target.head_dim,
         rms_norm_eps=target.rms_norm_eps, rope_theta=target.rope_theta)
     return build_drafter(cfg, SharedVocab(emb, head, vocab_ids))

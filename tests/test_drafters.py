@@ -22,14 +22,11 @@ V, D, N_FEAT = 61, 32, 3
 
 
 def tiny_config(method: str, head: str = "none", gamma: int = 4, layers: int = 2) -> DrafterConfig:
-    """dflash-paper: DFlash without the anchor feature (the paper's backbone)."""
-    anchor_feature = method in ("dspark", "dflash")
-    method = method.removesuffix("-paper")
     return DrafterConfig(method=method, target="tiny", hidden_size=D, feature_layers=(1, 2, 3),
                          draft_vocab=40, target_vocab=V, head=head,
                          block_size=1 if method == "mtp1" else gamma, num_layers=layers,
                          num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48,
-                         head_rank=6, anchor_feature=anchor_feature)
+                         head_rank=6)
 
 
 def tiny_target(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,8 +50,8 @@ def tiny_sequence(seq_id: int, length: int, prompt: int, seed: int) -> Sequence:
                     torch.randn(length, D, generator=g).half(), torch.rand(length, generator=g) + 3)
 
 
-CASES = [("dspark", "markov"), ("dspark", "rnn"), ("dflash", "none"), ("dflash-paper", "none"),
-         ("eagle3", "none"), ("mtp1", "none")]
+CASES = [("dspark", "markov"), ("dspark", "rnn"), ("dflash", "none"), ("eagle3", "none"),
+         ("mtp1", "none")]
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
