@@ -121,7 +121,8 @@ class Drafter(ABC):
             m = t.shape[0]
             if m:
                 cache = self.caches[rid]
-                cache.pending.append((t.to(self.device), features[start:start + m]))
+                # a copy of its rows: a view would keep the whole round's features alive
+                cache.pending.append((t.to(self.device), features[start:start + m].clone()))
                 cache.num_pending += m
                 if cache.num_pending >= FLUSH_TOKENS:
                     full.append(cache)
