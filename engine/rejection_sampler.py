@@ -105,9 +105,8 @@ def greedy_sample(target_ids: torch.Tensor, draft_token_ids: torch.Tensor,
     drafts = torch.zeros(is_draft.shape, dtype=torch.long, device=is_draft.device)  # [R, γ]
     passed = torch.zeros_like(is_draft)
     if draft_token_ids.shape[0] > 0:  # somebody drafted (a shape, known on the host)
-        draft_row = (draft_start[:, None] + k).clamp(max=draft_token_ids.shape[0] - 1)
-        target_row = (target_start[:, None] + k).clamp(max=target_ids.shape[0] - 1)
-        drafts = torch.where(is_draft, draft_token_ids[draft_row], 0)
+        drafts, _, target_row = _padded_drafts(draft_token_ids, is_draft, draft_start,
+                                               target_start, k, target_ids.shape[0])
         passed = is_draft & (drafts == target_ids[target_row])
     num_accepted = torch.cumprod(passed.long(), dim=1).sum(dim=1)  # [R]
     return _emitted(drafts, num_accepted, target_ids[target_start + num_accepted])
@@ -133,6 +132,16 @@ def _emitted(drafts: torch.Tensor, num_accepted: torch.Tensor, last: torch.Tenso
                            num_accepted=num_accepted)
 
 
+def _padded_drafts(draft_token_ids: torch.Tensor, is_draft: torch.Tensor,
+                   draft_start: torch.Tensor, target_start: torch.Tensor, k: torch.Tensor,
+                   num_target_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded [R, γ]: x_k (0 where no draft), and the draft and target rows of each (clamped
+    into range where there is no draft). Needs D > 0."""
+    draft_row = (draft_start[:, None] + k).clamp(max=draft_token_ids.shape[0] - 1)  # [R, γ]
+    target_row = (target_start[:, None] + k).clamp(max=num_target_rows - 1)  # [R, γ]
+    return torch.where(is_draft, draft_token_ids[draft_row], 0), draft_row, target_row
+
+
 def _draft_probs(target_probs: torch.Tensor, draft_probs: torch.Tensor,
                  draft_token_ids: torch.Tensor, is_draft: torch.Tensor, draft_start: torch.Tensor,
                  target_start: torch.Tensor, k: torch.Tensor,
@@ -142,10 +151,8 @@ def _draft_probs(target_probs: torch.Tensor, draft_probs: torch.Tensor,
     if draft_token_ids.shape[0] == 0:  # nobody drafted (a shape, known on the host)
         zeros = torch.zeros(is_draft.shape, device=is_draft.device)
         return zeros.long(), zeros, zeros
-    draft_row = (draft_start[:, None] + k).clamp(max=draft_token_ids.shape[0] - 1)  # [R, γ]
-    target_row = target_start[:, None] + k  # [R, γ]; in range where is_draft
-    target_row = target_row.clamp(max=target_probs.shape[0] - 1)
-    drafts = torch.where(is_draft, draft_token_ids[draft_row], 0)  # [R, γ]
+    drafts, draft_row, target_row = _padded_drafts(draft_token_ids, is_draft, draft_start,
+                                                   target_start, k, target_probs.shape[0])
     p_t = torch.where(is_draft, target_probs[target_row, drafts], 0.0)  # [R, γ]
     p_d = torch.where(is_draft, draft_probs[draft_row, drafts], 0.0)  # [R, γ]
     return drafts, p_t, p_d

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ from engine.rejection_sampler import (StopTokens, draw_round_randoms, greedy_sam
                                       rejection_sample, truncate_at_stop)
 from engine.sampler import SamplingTensors, filtered_probs_batch, request_generator
 
+if TYPE_CHECKING:
+    from drafters.base import DraftOutput
+
 SKIP_PROBE = 4  # a skipping request is drafted again after this many skipped rounds
 PROBE_MAX = 32  # the most rounds between probes while drafting does not pay
 PROBE_SHRINK = 0.75  # a batch under this share of the last drafted one is probed at once
@@ -54,8 +58,16 @@ FLOOR_MAX_WEIGHT = 4.0  # the most a lagging request's survival is weighted
 @dataclass
 class RoundPlan:
     drafts: list[list[int]]  # per scheduled request: the l_r drafted tokens it sends to verify
-    draft_probs: torch.Tensor  # [D, V] p_d of those tokens, request by request (D = sum l_r)
     rows: list[int] = field(default_factory=list)  # the drafting requests, in the policy's order
+    proposal: DraftOutput | None = None  # the drafter's output for `rows` (None: nobody drafted)
+
+    def draft_probs(self, vocab_size: int, device: torch.device) -> torch.Tensor:
+        """[D, V] p_d of the verified drafts, request by request (D = Σ l_r); built only for
+        the rejection sampler's stochastic path (greedy rounds compare ids)."""
+        if self.proposal is None:
+            return torch.zeros(0, vocab_size, device=device)
+        lengths = [len(self.drafts[row]) for row in self.rows]
+        return self.proposal.verified_probs(lengths, vocab_size).to(device)
 
 
 @dataclass
@@ -125,7 +137,7 @@ class Speculator:
         rows = [row for row in due if not self._skips(batch.requests[row])]
         drafts: list[list[int]] = [[] for _ in batch.requests]
         if not rows:
-            return RoundPlan(drafts, torch.zeros(0, self.vocab_size, device=self.device))
+            return RoundPlan(drafts)
         requests = [batch.requests[r] for r in rows]
         priority = np.array([r.floor_weight(FLOOR_MAX_WEIGHT) for r in requests])  # [R] >= 1
         self.counters.num_sla_priority += int((priority > 1).sum())
@@ -143,8 +155,7 @@ class Speculator:
         tokens = out.tokens.tolist()  # [R][gamma]
         for i, row in enumerate(rows):
             drafts[row] = tokens[i][:lengths[i]]
-        probs = out.verified_probs(lengths.tolist(), self.vocab_size)  # [Σ l, V]
-        return RoundPlan(drafts, probs.to(self.device), rows)
+        return RoundPlan(drafts, rows, out)
 
     def _skips_round(self, num_requests: int) -> bool:
         """Draft nobody this round (each request counts as a round that verified 0)?"""
@@ -206,7 +217,8 @@ class Speculator:
                                           else request_generator(r, self.device)
                                           for r in requests], self.gamma, self.vocab_size,
                                          logits.device)
-            out = rejection_sample(p_t, plan.draft_probs, tokens, num_drafts, randoms)
+            out = rejection_sample(p_t, plan.draft_probs(self.vocab_size, logits.device), tokens,
+                                   num_drafts, randoms)
         stops = StopTokens.from_sets([self._stop_ids(r.params) for r in requests], logits.device)
         n_emit, _ = truncate_at_stop(out, stops)
         token_rows, n_emit, n_acc = out.token_ids.tolist(), n_emit.tolist(), out.num_accepted.tolist()
