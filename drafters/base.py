@@ -129,6 +129,14 @@ class Drafter(ABC):
             start += m
         self._flush(full)
 
+    def flush(self, rids: list[str]) -> int:
+        """Compute the waiting context entries of these requests now (propose() would);
+        -> how many there were. Lets the engine time the context pass apart from drafting."""
+        caches = [self.caches[r] for r in rids]
+        waiting = sum(c.num_pending for c in caches)
+        self._flush(caches)
+        return waiting
+
     @torch.no_grad()
     def _flush(self, caches: list[ContextCache]) -> None:
         """Compute the waiting entries of these caches, in one _extend_many call."""

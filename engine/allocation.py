@@ -2,7 +2,7 @@
 
     lengths(confidences, gamma, R, priority, other_tokens, draft_seconds)
         -> l_r in 0..gamma per drafting request
-    drafting() -> whether the next round should draft at all
+    drafting(other_tokens) -> whether the next round should draft at all
 
 The engine calls the policy once per round with the drafter's confidences [R, gamma] (None when
 the drafter has no confidence head) and priority [R] >= 1 (how far each request runs below its
@@ -26,8 +26,9 @@ class AllocationPolicy(Protocol):
         """-> [R] int verification lengths, each in 0..gamma."""
         ...
 
-    def drafting(self) -> bool:
-        """False: drafting does not pay now; the engine drafts only probe rounds."""
+    def drafting(self, other_tokens: int = 0) -> bool:
+        """False: drafting does not pay in a round whose forward holds other_tokens besides the
+        drafting rows'; the engine drafts only probe rounds."""
         ...
 
 
@@ -45,5 +46,5 @@ class FixedLength:
                 draft_seconds: float = 0.0) -> np.ndarray:
         return np.full(num_requests, min(self.n, gamma), dtype=np.int64)
 
-    def drafting(self) -> bool:
+    def drafting(self, other_tokens: int = 0) -> bool:
         return True

@@ -4,7 +4,8 @@
             allocation policy choose how many, l_r in 0..gamma, the target verifies
     (the model runner verifies all [anchor, x_1..x_l] and the prefill chunks in ONE forward)
     accept  lossless rejection sampling for every request whose next token is due
-            (engine/rejection_sampler.py); a request without drafts just samples (l = 0)
+            (engine/rejection_sampler.py); a request without drafts just samples (l = 0);
+            the step's measured time goes to the policy, which corrects its curve by it
     commit  the drafter's context grows by what the target computed and kept: prefill chunk
             rows, and for a decoding request its anchor plus accepted drafts
 
@@ -55,11 +56,20 @@ PROBE_SHRINK = 0.75  # a batch under this share of the last drafted one is probe
 FLOOR_MAX_WEIGHT = 4.0  # the most a lagging request's survival is weighted
 
 
+def steady_draft_seconds(propose: float, context: float, waiting: int, per_round: float) -> float:
+    """d, what drafting costs a round that drafts every round. The context pass just computed
+    `waiting` entries, a backlog when the request was not drafted for a while; drafting every
+    round it would compute only the per_round = R · τ entries one round commits, so only that
+    share of the pass counts:  d = t_propose + t_context · min(1, per_round / waiting)."""
+    return propose + (context * min(1.0, per_round / waiting) if waiting else 0.0)
+
+
 @dataclass
 class RoundPlan:
     drafts: list[list[int]]  # per scheduled request: the l_r drafted tokens it sends to verify
     rows: list[int] = field(default_factory=list)  # the drafting requests, in the policy's order
     proposal: DraftOutput | None = None  # the drafter's output for `rows` (None: nobody drafted)
+    verify_start: float = 0.0  # time.perf_counter() when planning ended and verification began
 
     def draft_probs(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         """[D, V] p_d of the verified drafts, request by request (D = Σ l_r); built only for
@@ -96,6 +106,10 @@ class SpecCounters:
             for j in range(accepted):
                 self.accepted_per_pos[j] += 1
 
+    def tau(self) -> float:
+        """Mean tokens a verified block commits: 1 + accepted drafts per block (1 before any)."""
+        return 1.0 + self.num_accepted_tokens / max(self.num_drafts, 1)
+
     def snapshot(self) -> SpecDecodeStats:
         return SpecDecodeStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
                                tuple(self.accepted_per_pos), tuple(self.verify_length_counts),
@@ -127,12 +141,17 @@ class Speculator:
 
     # ---- 1. draft and allocate -------------------------------------------------------------
     def plan(self, batch: ScheduledBatch) -> RoundPlan:
+        plan = self._draft(batch)
+        plan.verify_start = time.perf_counter()
+        return plan
+
+    def _draft(self, batch: ScheduledBatch) -> RoundPlan:
         due = []  # decoding requests with lookahead room
         for row, (request, extra) in enumerate(zip(batch.requests, batch.num_lookahead)):
             self._sync_context(request)
             if extra and request.num_computed_tokens > 0:
                 due.append(row)
-        if due and self._skips_round(len(due)):
+        if due and self._skips_round(len(due), batch.total_tokens - len(due)):
             due = []
         rows = [row for row in due if not self._skips(batch.requests[row])]
         drafts: list[list[int]] = [[] for _ in batch.requests]
@@ -143,10 +162,14 @@ class Speculator:
         self.counters.num_sla_priority += int((priority > 1).sum())
         temps = torch.tensor([r.params.temperature for r in requests], dtype=torch.float32)
         anchors = torch.tensor([r.token_ids(r.num_tokens - 1, r.num_tokens)[0] for r in requests])
+        ids = [r.request_id for r in requests]
         start = time.perf_counter()
-        out = self.drafter.propose([r.request_id for r in requests], anchors, temps)
+        waiting = self.drafter.flush(ids)
+        flushed = time.perf_counter()
+        out = self.drafter.propose(ids, anchors, temps)
         conf = None if out.confidences is None else out.confidences.cpu().numpy()
-        draft_seconds = time.perf_counter() - start
+        draft_seconds = steady_draft_seconds(time.perf_counter() - flushed, flushed - start,
+                                             waiting, len(rows) * self.counters.tau())
         room = [min(batch.num_lookahead[row], self.max_model_len - r.num_tokens)
                 for row, r in zip(rows, requests)]  # reserved slots, and the context limit
         other = batch.total_tokens - len(rows)  # prefill chunks and rows not drafting
@@ -157,9 +180,10 @@ class Speculator:
             drafts[row] = tokens[i][:lengths[i]]
         return RoundPlan(drafts, rows, out)
 
-    def _skips_round(self, num_requests: int) -> bool:
-        """Draft nobody this round (each request counts as a round that verified 0)?"""
-        if self.policy.drafting():
+    def _skips_round(self, num_requests: int, other_tokens: int = 0) -> bool:
+        """Draft nobody this round (each request counts as a round that verified 0)?
+        other_tokens: the forward's tokens besides the decoding rows' anchors."""
+        if self.policy.drafting(other_tokens):
             self.probe_every = SKIP_PROBE
         elif (self.skipped_rounds < self.probe_every - 1
               and num_requests >= PROBE_SHRINK * self.drafted_requests):
@@ -222,6 +246,10 @@ class Speculator:
         stops = StopTokens.from_sets([self._stop_ids(r.params) for r in requests], logits.device)
         n_emit, _ = truncate_at_stop(out, stops)
         token_rows, n_emit, n_acc = out.token_ids.tolist(), n_emit.tolist(), out.num_accepted.tolist()
+        if hasattr(self.policy, "observe_step"):  # the step's cost, synced by tolist() above
+            drafts = sum(map(len, plan.drafts))
+            self.policy.observe_step(batch.total_tokens + drafts,
+                                     time.perf_counter() - plan.verify_start, drafts)
         drafting = set(plan.rows)  # rounds of decoding requests; prefill ends are not counted
         for i, row in enumerate(due):
             emitted[row] = token_rows[i][:n_emit[i]]

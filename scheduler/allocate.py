@@ -10,6 +10,8 @@ Terms, defined once for this module:
     Θ = E · SPS(B)                     expected tokens per second
     Θ = E / (1/SPS(B) + d)             the same with the round's drafting time d (seconds), which
                                        a round that drafts pays on top of its forward
+    Θ = E / (1/SPS(B) + β·Σℓ + d)      and with β, what a verified draft costs beyond the curve's
+                                       token (measured while serving: scheduler/live_curve.py)
 Candidates (r, j) are taken in order of a_{r,j} descending, ties by smaller j first, so (r, j)
 always comes before (r, j + 1): any first m candidates of the order form prefixes. After the
 first m, with v_i the i-th survival in that order,
@@ -23,6 +25,8 @@ cliffs), computed on the confidences of two rounds earlier; this round admits th
 candidates of highest a. With d > 0 the same search also answers whether drafting pays at all:
 when plain decoding, Θ_plain = R · SPS(X + R) (no drafter, one token per request), beats every
 m, the engine stops drafting (scheduler/policy.py) until a probe round says otherwise.
+X changes from round to round, so the process answers both for every X of OTHER_GRID and the
+round applying the answer reads the entry nearest to its own X (capacities_and_drafting).
 K does not depend on this round's tokens and the rank of (r, j) depends only on the candidates
 above it: lossless. A global search on the CURRENT confidences is not:
 whether x_{r,j} is verified would depend on a_{r,j+1}, i.e. on x_{r,j} itself
@@ -35,6 +39,13 @@ import time
 import numpy as np
 
 from scheduler.throughput import ThroughputCurve
+
+# The X (other tokens in the forward) the scheduler process answers for. X swings between
+# rounds (prefill chunks come and go) while a capacity is used two rounds after its snapshot,
+# so the process answers K and the verdict for each of these and the engine reads the entry
+# nearest to its own round's X: a K fitted to a 500-token prefill step, where drafts ride
+# almost free, must not be applied to the pure decode step after it.
+OTHER_GRID = (0, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 def check_survival(a: np.ndarray) -> np.ndarray:
@@ -56,14 +67,22 @@ def candidate_order(a: np.ndarray) -> np.ndarray:
 def throughput_path(a: np.ndarray, curve: ThroughputCurve, other: int = 0,
                     draft_seconds: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """a: [R, γ], other: X, draft_seconds: d -> (order [Rγ], Θ_m for m = 0..Rγ [Rγ + 1])."""
+    order, theta = throughput_paths(a, curve, (other,), draft_seconds)
+    return order, theta[0]
+
+
+def throughput_paths(a: np.ndarray, curve: ThroughputCurve, others, draft_seconds: float = 0.0,
+                     per_draft: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """throughput_path for several X at once, each verified draft costing per_draft = β
+    seconds beyond the curve: others [G] -> (order [Rγ], Θ [G, Rγ + 1])."""
     a = check_survival(a)
     order = candidate_order(a)
     r = a.shape[0]
+    x = np.asarray(others, dtype=np.int64)[:, None]  # [G, 1]
     e = r + np.concatenate([[0.0], np.cumsum(a.ravel()[order])])  # [Rγ+1] E_m
-    b = other + r + np.arange(order.size + 1)  # [Rγ+1] B_m
-    if draft_seconds <= 0:
-        return order, e * curve.sps(b)
-    return order, e / (1.0 / curve.sps(b) + draft_seconds)
+    m = np.arange(order.size + 1)  # [Rγ+1]
+    b = x + r + m  # [G, Rγ+1] B_{g,m}
+    return order, e / (1.0 / curve.sps(b) + per_draft * m + draft_seconds)
 
 
 def lengths_of(order: np.ndarray, k: int, num_requests: int, gamma: int) -> np.ndarray:
@@ -91,10 +110,29 @@ def capacity_and_drafting(a: np.ndarray, curve: ThroughputCurve, other: int = 0,
                           draft_seconds: float = 0.0) -> tuple[int, bool]:
     """The global search with the drafting time d: (K = argmax_m Θ_m, whether drafting pays,
     i.e. max_m Θ_m > Θ_plain = R · SPS(X + R)). d = 0 is global_capacity and always drafts."""
-    _, theta = throughput_path(a, curve, other, draft_seconds)
-    k = int(np.argmax(theta))
-    plain = a.shape[0] * float(curve.sps(np.array([other + a.shape[0]]))[0])
-    return k, draft_seconds <= 0 or theta[k] > plain
+    ks, pays = capacities_and_drafting(a, curve, (other,), draft_seconds)
+    return int(ks[0]), bool(pays[0])
+
+
+def capacities_and_drafting(a: np.ndarray, curve: ThroughputCurve, others=OTHER_GRID,
+                            draft_seconds: float = 0.0, per_draft: float = 0.0
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """capacity_and_drafting for every X in `others` at once: a [R, γ], others [G] ->
+    (K [G] int64, drafting pays [G] bool). With B_{g,m} = X_g + R + m,
+        Θ_{g,m} = E_m / (1/SPS(B_{g,m}) + β·m + d),   K_g = argmax_m Θ_{g,m},
+        pays_g = d <= 0 or Θ_{g,K_g} > R · SPS(X_g + R)."""
+    _, theta = throughput_paths(a, curve, others, draft_seconds, per_draft)  # [G, Rγ+1]
+    x = np.asarray(others, dtype=np.int64)  # [G]
+    ks = np.argmax(theta, axis=1)  # [G]
+    plain = a.shape[0] * curve.sps(x + a.shape[0])  # [G]
+    pays = (draft_seconds <= 0) | (theta[np.arange(ks.size), ks] > plain)
+    return ks.astype(np.int64), np.asarray(pays, dtype=bool).reshape(-1)
+
+
+def grid_index(other: int, grid=OTHER_GRID) -> int:
+    """The entry of `grid` nearest to X on a log scale, |log(1 + X_g) − log(1 + X)| least:
+    which of the answered X a round with X other tokens reads."""
+    return int(np.argmin(np.abs(np.log1p(np.asarray(grid)) - np.log1p(max(other, 0)))))
 
 
 def top_k_lengths(a: np.ndarray, capacity: int, priority: np.ndarray | None = None) -> np.ndarray:

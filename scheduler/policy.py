@@ -5,15 +5,19 @@ Every round t the engine calls lengths(confidences [R, γ], γ, R). The policy
        (scheduler/calibration.py; plain Π c without a calibration);
     2. collects whatever answers the scheduler process has sent, and sends it snapshot t,
        without waiting for anything;
-    3. takes the capacity K computed from snapshot t − lag (lag = 2, DSPARK.md §5). When that
+    3. takes the capacity K computed from snapshot t − lag (lag = 2, DSPARK.md §5), the one the
+       process answered for the X nearest this round's other tokens (prefill chunks). When that
        answer has not arrived, it takes the newest answer it has from before (a "late round");
        before any answer exists (start-up) it verifies full blocks;
     4. admits the K current candidates of highest a (top_k_lengths): ℓ [R], Σ ℓ = min(K, Rγ);
        survival weighted by each request's SLA-floor priority (≥ 1; engine/speculator.py).
-The snapshot also carries the round's drafting time d, so the process weighs it too; when its
-answer says plain decoding beats every capacity, drafting() turns False and the engine stops
-drafting, except for probe rounds whose fresh confidences can say otherwise (drafting() reads the
-newest answer that has arrived, always a past round's, never this round's tokens: lossless).
+The snapshot also carries the round's drafting time d, so the process weighs it too, and the
+curve's correction from the step times measured while serving (observe_step(); scheduler/
+live_curve.py), so the process weighs both against what steps really take. When its
+answer says plain decoding beats every capacity at this round's X, drafting() turns False and
+the engine stops drafting, except for probe rounds whose fresh confidences can say otherwise
+(drafting() reads the newest answer that has arrived, always a past round's, never this
+round's tokens: lossless).
 With a RecalibrationConfig, observe() also feeds every served round to an OnlineRecalibrator
 (scheduler/recalibrate.py); its periodic drift check and refit run in one worker thread, and a
 refitted calibration is swapped in at the first observe() after it is ready.
@@ -34,6 +38,7 @@ import numpy as np
 
 from scheduler.allocate import top_k_lengths
 from scheduler.calibration import Calibration, OnlineCalibration, logit
+from scheduler.live_curve import LiveCurve
 from scheduler.process import DIED, Answer, SchedulerProcess
 from scheduler.recalibrate import OnlineRecalibrator, RecalibrationConfig
 from scheduler.throughput import ThroughputCurve
@@ -50,6 +55,7 @@ class PolicyConfig:
     # restarts are at least this far apart; rounds in between verify full blocks
     min_restart_interval_s: float = 1.0
     draft_cost: bool = True  # weigh the drafting time (False: the paper's Θ = E · SPS(B))
+    live_curve: bool = True  # correct the profiled curve by measured step times (observe_step)
 
     def __post_init__(self) -> None:
         if self.lag < 1:
@@ -73,6 +79,7 @@ class PrefixSchedulerPolicy:
                  config: PolicyConfig = PolicyConfig(),
                  recalibration: RecalibrationConfig | None = None) -> None:
         self.curve, self.calibration, self.config = curve, calibration, config
+        self.live = LiveCurve(curve) if config.live_curve else None
         self.recalibration = recalibration
         self._recalibrator: OnlineRecalibrator | None = None
         self._worker: ThreadPoolExecutor | None = None  # runs drift checks and refits
@@ -103,22 +110,23 @@ class PrefixSchedulerPolicy:
         self._last_survival = a
         t, self.round = self.round, self.round + 1
         d = draft_seconds if self.config.draft_cost else 0.0
-        if not self._exchange(t, a, other_tokens, d):
+        if not self._exchange(t, a, d):
             self.capacity = a.size
             return full  # the process died: full blocks this round
-        self.capacity = self._capacity_for(t, a.size)
+        self.capacity = self._capacity_for(t, a.size, other_tokens)
         return top_k_lengths(a, self.capacity, priority)
 
-    def drafting(self) -> bool:
-        """Does the newest answer say drafting pays? (True before any answer.) Any answer that
-        has arrived judges a past round, so acting on it at once stays lossless."""
+    def drafting(self, other_tokens: int = 0) -> bool:
+        """Does the newest answer say drafting pays at this X (the forward's tokens besides the
+        drafting rows')? True before any answer. Any answer that has arrived judges a past
+        round, so acting on it at once stays lossless."""
         if self.process is not None:
             try:
                 self._collect(self.process.receive())
             except DIED:
                 pass  # the next lengths() call restarts it
         newest = max(self._pending.values(), key=lambda a: a.round, default=self._current)
-        return newest is None or newest.drafts
+        return newest is None or newest.drafts(other_tokens)
 
     def survival(self, confidences: np.ndarray) -> np.ndarray:
         """[R, γ] drafter confidences -> calibrated prefix survival [R, γ]."""
@@ -128,13 +136,15 @@ class PrefixSchedulerPolicy:
         return self.calibration.survival(c)
 
     # ---- talking to the process --------------------------------------------------------------
-    def _exchange(self, t: int, a: np.ndarray, other: int = 0, draft_seconds: float = 0.0) -> bool:
+    def _exchange(self, t: int, a: np.ndarray, draft_seconds: float = 0.0) -> bool:
         """Collect answers, send snapshot t. False (after a restart) when the process died."""
         try:
             if self.process is None or not self.process.alive:
                 raise EOFError("the scheduler process is not running")
             self._collect(self.process.receive())
-            self.process.send(t, a, other, draft_seconds)
+            live = self.live
+            self.process.send(t, a, draft_seconds, None if live is None else live.factors(),
+                              0.0 if live is None else live.draft_seconds())
             return True
         except DIED as exc:
             self._restart(exc)
@@ -144,8 +154,9 @@ class PrefixSchedulerPolicy:
         for answer in answers:
             self._pending[answer.round] = answer
 
-    def _capacity_for(self, t: int, num_candidates: int) -> int:
-        """K from snapshot t − lag, else the newest older one (a late round), else all."""
+    def _capacity_for(self, t: int, num_candidates: int, other: int) -> int:
+        """K (at X = other) from snapshot t − lag, else the newest older one (a late round),
+        else all."""
         due = t - self.config.lag
         ready = [r for r in self._pending if r <= due]
         if ready:
@@ -154,7 +165,7 @@ class PrefixSchedulerPolicy:
                 del self._pending[r]
         if due >= 0 and (self._current is None or self._current.round != due):
             self.late_rounds += 1
-        return num_candidates if self._current is None else self._current.capacity
+        return num_candidates if self._current is None else self._current.capacity(other)
 
     def _restart(self, exc: BaseException) -> None:
         """Answers already received stay valid; those still in flight are lost."""
@@ -186,7 +197,13 @@ class PrefixSchedulerPolicy:
             self._collect(self.process.receive(timeout=min(left, 0.05)))
         return True
 
-    # ---- calibration feedback and counters ---------------------------------------------------
+    # ---- feedback: step times, calibration, counters -----------------------------------------
+    def observe_step(self, tokens: int, seconds: float, drafts: int = 0) -> None:
+        """After a round: its forward held `tokens` (`drafts` of them verified drafts) and took
+        `seconds` from plan to acceptance."""
+        if self.live is not None:
+            self.live.observe(tokens, seconds, drafts)
+
     def observe(self, verified: np.ndarray, accepted: np.ndarray) -> None:
         """After the round: ℓ the target verified [R] and drafts it accepted [R], rows in the
         order of the latest lengths() call; feeds the online calibration error."""

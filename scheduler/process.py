@@ -1,9 +1,10 @@
 """The scheduler process: confidence snapshots in, capacities out (DSPARK.md §5, production).
 
 The engine sends each round's calibrated prefix survival a [R, γ] and never waits; the process
-answers with the capacity K and whether drafting pays at all (capacity_and_drafting in
-scheduler/allocate.py, given the round's measured drafting time), which the engine applies two
-rounds later (scheduler/policy.py). When the process falls behind it answers only the
+answers with the capacity K and whether drafting pays at all, for every forward size of other
+tokens X in OTHER_GRID (capacities_and_drafting in scheduler/allocate.py, given the round's
+measured drafting time). The engine applies the answer two rounds later (scheduler/policy.py),
+reading the entry of its own round's X. When the process falls behind it answers only the
 newest snapshot it holds, so it catches up instead of queueing stale work.
 
 Started with the standard library's subprocess (`python -m scheduler.process`), not
@@ -11,10 +12,14 @@ multiprocessing.Process: the engine itself runs in a daemonic multiprocessing pr
 (server/engine_client.py) and multiprocessing refuses daemonic processes children. The two ends
 are multiprocessing.connection.Connection objects over a Unix socketpair (local only), and only
 raw bytes cross it, never pickles:
-    engine -> scheduler   snapshot  <q round, i R, i γ, i X, d draft seconds> then R·γ float32
-                                    values of a, row-major (X: the forward's other tokens)
+    engine -> scheduler   snapshot  <q round, i R, i γ, i n, d draft seconds, d β> then R·γ float32
+                                    values of a, row-major, then n float32 factors on the
+                                    curve's steps/s, measured while serving, as is β, the
+                                    seconds a verified draft adds beyond the curve's token
+                                    (scheduler/live_curve.py; n = 0: the curve as profiled)
                           stop      the same header with round = -1 and no values
-    scheduler -> engine   answer    <q round, q K, d seconds the solve took, ? drafting pays>
+    scheduler -> engine   answer    <q round, d seconds the solve took> then G int64 K and
+                                    G bools "drafting pays", one per X of OTHER_GRID
 The throughput curve goes to the child once, as JSON on its command line.
 """
 from __future__ import annotations
@@ -34,11 +39,12 @@ from pathlib import Path
 
 import numpy as np
 
-from scheduler.allocate import capacity_and_drafting
+from scheduler.allocate import OTHER_GRID, capacities_and_drafting, grid_index
 from scheduler.throughput import ThroughputCurve
 
-SNAPSHOT = struct.Struct("<qiiid")  # round, R, γ, X (other tokens in the forward), draft seconds
-ANSWER = struct.Struct("<qqd?")  # round, K, solve seconds, drafting pays
+SNAPSHOT = struct.Struct("<qiiidd")  # round, R, γ, n curve factors, draft seconds, β
+GRID = len(OTHER_GRID)
+ANSWER = struct.Struct(f"<qd{GRID}q{GRID}?")  # round, solve seconds, K per X, pays per X
 STOP_ROUND = -1
 # what a dead or unreachable scheduler looks like from the engine's side of the socket
 DIED = (OSError, EOFError)
@@ -47,27 +53,55 @@ DIED = (OSError, EOFError)
 @dataclass(frozen=True)
 class Answer:
     round: int  # the round whose snapshot K was computed from
-    capacity: int  # K: drafted tokens to admit
     solve_seconds: float
-    drafts: bool = True  # drafting pays: max_m Θ_m beats plain decoding
+    capacities: tuple[int, ...]  # [G] K: drafted tokens to admit, for each X of OTHER_GRID
+    pays: tuple[bool, ...]  # [G] drafting pays there: max_m Θ_m beats plain decoding
+
+    def capacity(self, other: int = 0) -> int:
+        """K for a round whose forward holds X = `other` tokens besides the drafting rows'."""
+        return self.capacities[grid_index(other)]
+
+    def drafts(self, other: int = 0) -> bool:
+        return self.pays[grid_index(other)]
+
+    def encode(self) -> bytes:
+        return ANSWER.pack(self.round, self.solve_seconds, *self.capacities, *self.pays)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Answer:
+        fields = ANSWER.unpack(data)
+        return cls(fields[0], fields[1], fields[2:2 + GRID], fields[2 + GRID:])
 
 
-def encode_snapshot(round_index: int, survival: np.ndarray, other: int = 0,
-                    draft_seconds: float = 0.0) -> bytes:
-    """survival: [R, γ], other: X, draft_seconds: d -> header + float32 payload."""
-    a = np.ascontiguousarray(survival, dtype=np.float32)
-    return SNAPSHOT.pack(round_index, a.shape[0], a.shape[1], other, draft_seconds) + a.tobytes()
+@dataclass(frozen=True)
+class Snapshot:
+    round: int
+    survival: np.ndarray  # [R, γ] a
+    draft_seconds: float = 0.0  # d
+    factors: np.ndarray | None = None  # [n] on the curve's steps/s (None: as profiled)
+    per_draft: float = 0.0  # β
 
+    def encode(self) -> bytes:
+        a = np.ascontiguousarray(self.survival, dtype=np.float32)
+        f = np.asarray(() if self.factors is None else self.factors, dtype=np.float32)
+        return (SNAPSHOT.pack(self.round, a.shape[0], a.shape[1], f.size, self.draft_seconds,
+                              self.per_draft) + a.tobytes() + f.tobytes())
 
-def decode_snapshot(data: bytes) -> tuple[int, np.ndarray, int, float]:
-    """-> (round, a [R, γ] float64, X, d); checks the payload length against the header."""
-    round_index, r, g, other, draft_seconds = SNAPSHOT.unpack_from(data)
-    payload = memoryview(data)[SNAPSHOT.size:]
-    if r < 0 or g < 0 or other < 0 or len(payload) != 4 * r * g or not draft_seconds >= 0:
-        raise ValueError(f"malformed snapshot: header says {r}x{g}, payload {len(payload)} bytes, "
-                         f"draft seconds {draft_seconds}")
-    a = np.frombuffer(payload, dtype=np.float32).reshape(r, g).astype(np.float64)
-    return round_index, a, other, draft_seconds
+    @classmethod
+    def decode(cls, data: bytes) -> Snapshot:
+        """Checks the payload length against the header."""
+        round_index, r, g, n, d, beta = SNAPSHOT.unpack_from(data)
+        payload = memoryview(data)[SNAPSHOT.size:]
+        if min(r, g, n) < 0 or len(payload) != 4 * (r * g + n) or not (d >= 0 and beta >= 0):
+            raise ValueError(f"malformed snapshot: header says {r}x{g} + {n}, payload "
+                             f"{len(payload)} bytes, d {d}, beta {beta}")
+        values = np.frombuffer(payload, dtype=np.float32).astype(np.float64)
+        return cls(round_index, values[:r * g].reshape(r, g), d, values[r * g:] if n else None,
+                   beta)
+
+    def curve(self, profiled: ThroughputCurve) -> ThroughputCurve:
+        ok = self.factors is not None and self.factors.size == len(profiled.sizes)
+        return profiled.scaled(self.factors) if ok else profiled
 
 
 def newest_snapshot(conn: Connection) -> bytes | None:
@@ -84,13 +118,14 @@ def newest_snapshot(conn: Connection) -> bytes | None:
 def serve(conn: Connection, curve: ThroughputCurve) -> None:
     """The child's loop: answer the newest snapshot until told to stop or the engine goes away."""
     while (data := newest_snapshot(conn)) is not None:
-        round_index, survival, other, draft_seconds = decode_snapshot(data)
-        if round_index == STOP_ROUND:
+        snap = Snapshot.decode(data)
+        if snap.round == STOP_ROUND:
             return
         start = time.perf_counter()
-        capacity, drafts = capacity_and_drafting(np.clip(survival, 0.0, 1.0), curve, other,
-                                                 draft_seconds)
-        conn.send_bytes(ANSWER.pack(round_index, capacity, time.perf_counter() - start, drafts))
+        ks, pays = capacities_and_drafting(np.clip(snap.survival, 0.0, 1.0), snap.curve(curve),
+                                           OTHER_GRID, snap.draft_seconds, snap.per_draft)
+        conn.send_bytes(Answer(snap.round, time.perf_counter() - start, tuple(ks.tolist()),
+                               tuple(pays.tolist())).encode())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,10 +181,10 @@ class SchedulerProcess:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def send(self, round_index: int, survival: np.ndarray, other: int = 0,
-             draft_seconds: float = 0.0) -> bool:
+    def send(self, round_index: int, survival: np.ndarray, draft_seconds: float = 0.0,
+             factors: np.ndarray | None = None, per_draft: float = 0.0) -> bool:
         """Queue a snapshot for the child; False when skipped because too much is unanswered."""
-        data = encode_snapshot(round_index, survival, other, draft_seconds)
+        data = Snapshot(round_index, survival, draft_seconds, factors, per_draft).encode()
         if self._in_flight and sum(self._in_flight.values()) + len(data) > self.max_in_flight_bytes:
             return False
         self._conn.send_bytes(data)
@@ -160,7 +195,7 @@ class SchedulerProcess:
         """Every answer that has arrived (waiting at most `timeout` for the first)."""
         out = []
         while self._conn.poll(timeout):
-            answer = Answer(*ANSWER.unpack(self._conn.recv_bytes()))
+            answer = Answer.decode(self._conn.recv_bytes())
             # the child answers only its newest snapshot: older ones will never be answered
             self._in_flight = {r: n for r, n in self._in_flight.items() if r > answer.round}
             out.append(answer)
@@ -171,7 +206,7 @@ class SchedulerProcess:
         """Ask the child to stop, then make sure it has (kill after `timeout`)."""
         if self._conn is not None:
             try:
-                self._conn.send_bytes(SNAPSHOT.pack(STOP_ROUND, 0, 0, 0, 0.0))
+                self._conn.send_bytes(SNAPSHOT.pack(STOP_ROUND, 0, 0, 0, 0.0, 0.0))
             except DIED:
                 pass
             self._conn.close()

@@ -57,6 +57,14 @@ class ThroughputCurve:
         out = np.where(bucket < sizes.size, inside, rate[-1] / passes)
         return float(out) if out.ndim == 0 else out
 
+    def scaled(self, factors) -> ThroughputCurve:
+        """The same curve with steps/s multiplied size by size: factors [n] > 0."""
+        f = np.asarray(factors, dtype=np.float64)
+        if f.shape != (len(self.sizes),):
+            raise ValueError(f"need one factor per measured size ({len(self.sizes)}), got {f.shape}")
+        return ThroughputCurve(self.sizes, tuple((np.asarray(self.steps_per_second) * f).tolist()),
+                               self.model, self.hardware, self.padded)
+
     def to_dict(self) -> dict:
         return {"model": self.model, "hardware": self.hardware, "padded": self.padded,
                 "sizes": list(self.sizes), "steps_per_second": list(self.steps_per_second)}

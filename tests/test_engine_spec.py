@@ -169,7 +169,7 @@ class RecordingPolicy:
         self.other.append(other_tokens)
         return np.full(num_requests, min(self.n, gamma), dtype=np.int64)
 
-    def drafting(self) -> bool:
+    def drafting(self, other_tokens=0) -> bool:
         return True
 
 
@@ -204,7 +204,7 @@ class NotPayingPolicy(RecordingPolicy):
         self.draft_seconds.append(draft_seconds)
         return super().lengths(confidences, gamma, num_requests, priority, other_tokens)
 
-    def drafting(self) -> bool:
+    def drafting(self, other_tokens=0) -> bool:
         return False
 
 
@@ -236,7 +236,7 @@ def test_probes_back_off_while_drafting_does_not_pay_and_come_back_for_smaller_b
     assert all(spec._skips_round(8) for _ in range(PROBE_MAX - 1)) and not spec._skips_round(8)
     assert spec._skips_round(6) and not spec._skips_round(5)  # 5 < 0.75 · 8: judged afresh
     assert spec.counters.num_draft_skips == 8 * (60 - 4 + PROBE_MAX - 1) + 6  # request-rounds
-    policy.drafting = lambda: True  # the verdict turns: every round drafts, the gap resets
+    policy.drafting = lambda other=0: True  # the verdict turns: every round drafts, the gap resets
     assert not any(spec._skips_round(8) for _ in range(5)) and spec.probe_every == 4
 
 
@@ -287,3 +287,13 @@ def test_drafter_runs_on_the_engines_gpu(tiny_llama_dir, prompts, method, head):
     assert next(drafter.model.parameters()).is_cuda
     assert core.generate(prompts[:8], GREEDY) == want
     assert all(k.is_cuda for c in drafter.caches.values() for k, _ in c.kv) or not drafter.caches
+
+
+def test_steady_drafting_time_counts_only_one_rounds_share_of_a_context_backlog():
+    from engine.speculator import steady_draft_seconds
+
+    # 0.05 s proposing; a 0.2 s context pass over 400 waiting entries, of which a round that
+    # drafts every round (R = 32, τ = 1.5) would compute 48: 0.05 + 0.2 · 48 / 400 = 0.074
+    assert steady_draft_seconds(0.05, 0.2, 400, 48.0) == pytest.approx(0.074)
+    assert steady_draft_seconds(0.05, 0.01, 20, 48.0) == pytest.approx(0.06)  # no backlog
+    assert steady_draft_seconds(0.05, 0.0, 0, 48.0) == 0.05  # nothing waited

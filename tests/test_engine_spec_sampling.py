@@ -192,7 +192,7 @@ class RandomLengths:
                 draft_seconds: float = 0.0) -> np.ndarray:
         return self.rng.integers(0, gamma + 1, size=num_requests)  # [R]
 
-    def drafting(self) -> bool:
+    def drafting(self, other_tokens=0) -> bool:
         return True
 
 

@@ -7,7 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from scheduler.allocate import (candidate_order, capacity_and_drafting, global_capacity, greedy_lengths,
+from scheduler.allocate import (candidate_order, capacities_and_drafting, capacity_and_drafting,
+                                global_capacity, greedy_lengths, grid_index,
                                 random_survival, solver_seconds, throughput_path, top_k_lengths)
 from scheduler.throughput import ThroughputCurve
 
@@ -257,3 +258,29 @@ def test_drafting_time_enters_the_objective_and_can_stop_drafting():
     # a steep curve: verifying costs more than it gains, but a cheap draft still pays for K = 0?
     steep = ThroughputCurve((1, 2, 3), (10.0, 5.0, 2.0))
     assert capacity_and_drafting(a, steep, draft_seconds=0.001) == (0, False)  # Θ_0 < plain
+
+
+def test_capacities_and_verdicts_for_several_other_token_counts_by_hand():
+    """R = 1, a = [0.5, 0.25], d = 0.1 s. X = 0: 0.1 s steps, Θ = 1/0.2, 1.5/0.2, 1.75/0.2 =
+    5, 7.5, 8.75 < plain 10: K = 2, no. X = 99: 1 s steps, Θ = 1/1.1, 1.5/1.1, 1.75/1.1 =
+    0.91, 1.36, 1.59 > plain 1: K = 2, drafting pays."""
+    curve = ThroughputCurve((1, 3, 100, 103), (10.0, 10.0, 1.0, 1.0), padded=False)
+    ks, pays = capacities_and_drafting(np.array([[0.5, 0.25]]), curve, (0, 99), 0.1)
+    assert ks.tolist() == [2, 2] and pays.tolist() == [False, True]
+    assert capacity_and_drafting(np.array([[0.5, 0.25]]), curve, 99, 0.1) == (2, True)
+
+
+def test_grid_index_is_nearest_on_a_log_scale():
+    grid = (0, 8, 64, 512)
+    assert [grid_index(x, grid) for x in (0, 1, 3, 7, 20, 25, 100, 480, 5000)] == \
+        [0, 0, 1, 1, 1, 2, 2, 3, 3]
+
+
+def test_per_draft_cost_enters_the_objective_by_hand():
+    """R = 1, a = [0.5, 0.25], 0.1 s steps, no drafting time. β = 0.1 s a verified draft:
+    Θ = 1/0.1, 1.5/0.2, 1.75/0.3 = 10, 7.5, 5.8: K = 0 and plain decoding (10) is not beaten."""
+    curve = ThroughputCurve((1, 3), (10.0, 10.0), padded=False)
+    ks, pays = capacities_and_drafting(np.array([[0.5, 0.25]]), curve, (0,), 0.001, 0.1)
+    assert ks.tolist() == [0] and pays.tolist() == [False]
+    ks, _ = capacities_and_drafting(np.array([[0.5, 0.25]]), curve, (0,), 0.001, 0.0)
+    assert ks.tolist() == [2]

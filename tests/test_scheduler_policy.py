@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from scheduler.allocate import global_capacity, top_k_lengths
+from scheduler.allocate import OTHER_GRID, global_capacity, grid_index, top_k_lengths
 from scheduler.calibration import Calibration, OnlineCalibration
 from scheduler.policy import PolicyConfig, PrefixSchedulerPolicy
-from scheduler.process import SchedulerProcess, decode_snapshot, encode_snapshot
+from scheduler.process import SchedulerProcess, Snapshot
 from scheduler.throughput import ThroughputCurve
 
 CURVE = ThroughputCurve((4, 8, 12, 16, 24, 32, 64, 2048), (100, 97, 93, 80, 70, 45, 30, 1))
@@ -44,11 +44,13 @@ def policy():
 
 def test_snapshot_wire_format_round_trips():
     a = np.random.default_rng(0).random((5, 3))
-    round_index, back, other, d = decode_snapshot(encode_snapshot(17, a, 40, 0.0125))
-    assert (round_index, other, d) == (17, 40, 0.0125)
-    np.testing.assert_allclose(back, a, rtol=1e-6)  # float32 on the wire
+    back = Snapshot.decode(Snapshot(17, a, 0.0125, np.array([0.5, 2.0]), 0.003).encode())
+    assert (back.round, back.draft_seconds, back.factors.tolist(), back.per_draft) == \
+        (17, 0.0125, [0.5, 2.0], 0.003)
+    np.testing.assert_allclose(back.survival, a, rtol=1e-6)  # float32 on the wire
+    assert Snapshot.decode(Snapshot(3, a).encode()).factors is None  # the curve as profiled
     with pytest.raises(ValueError):
-        decode_snapshot(encode_snapshot(1, a)[:-4])
+        Snapshot.decode(Snapshot(1, a).encode()[:-4])
 
 
 def test_process_answers_global_capacity():
@@ -58,7 +60,8 @@ def test_process_answers_global_capacity():
         assert proc.send(0, a)
         answers = proc.receive(timeout=WAIT)
         assert [x.round for x in answers] == [0]
-        assert answers[0].capacity == global_capacity(a.astype(np.float32), CURVE)
+        for x in OTHER_GRID:  # one capacity for every X of the grid
+            assert answers[0].capacity(x) == global_capacity(a.astype(np.float32), CURVE, x)
     finally:
         proc.close()
     assert not proc.alive
@@ -68,13 +71,13 @@ def test_process_says_whether_drafting_pays():
     proc = SchedulerProcess(CURVE)
     try:
         a = np.cumprod(confidences(1), axis=1)
-        proc.send(0, a, 0, 0.0005)  # half a millisecond: cheap next to a 10 ms step
-        proc.send(1, a, 0, 1.0)  # a second of drafting never pays
+        proc.send(0, a, 0.0005)  # half a millisecond: cheap next to a 10 ms step
+        proc.send(1, a, 1.0)  # a second of drafting never pays
         answers = []
         deadline = time.monotonic() + WAIT
         while (not answers or answers[-1].round < 1) and time.monotonic() < deadline:
             answers += proc.receive(timeout=1.0)  # only the newest snapshot may be answered
-        drafts = {x.round: x.drafts for x in answers}
+        drafts = {x.round: x.drafts(0) for x in answers}
         assert drafts[1] is False and drafts.get(0, True) is True
     finally:
         proc.close()
@@ -106,6 +109,31 @@ def test_capacity_comes_from_two_rounds_earlier(policy):
         assert lengths.tolist() == top_k_lengths(np.cumprod(c, axis=1), want).tolist()
         assert policy.stats().capacity == want
     assert policy.stats().late_rounds == 0 and policy.stats().restarts == 0
+
+
+def test_a_round_reads_the_answer_for_its_own_other_tokens(policy):
+    """A capacity fitted to a round with a 512-token prefill chunk (drafts ride almost free)
+    is not applied to a pure decode round two rounds later, nor the other way round."""
+    snaps = [confidences(seed) for seed in range(6)]
+    others = [512, 0, 0, 512, 8, 100]
+    differ = 0
+    for t, (c, x) in enumerate(zip(snaps, others)):
+        lengths = policy.lengths(c, GAMMA, R, other_tokens=x)
+        assert policy.wait(t, WAIT)
+        if t >= 2:
+            a = np.cumprod(snaps[t - 2], axis=1)
+            assert lengths.sum() == global_capacity(a, CURVE, OTHER_GRID[grid_index(x)])
+            differ += global_capacity(a, CURVE, 0) != global_capacity(a, CURVE, 512)
+    assert differ  # the X really changes the answer
+
+
+def test_drafting_verdict_depends_on_the_rounds_other_tokens():
+    """20 ms of drafting: a pure decode step of ~10 ms loses by it; a 1 s step with a prefill
+    chunk (CURVE: SPS 1 up to 2048 tokens) gains."""
+    with SettledPolicy(CURVE) as policy:
+        for t in range(2):
+            policy.lengths(confidences(t), GAMMA, R, draft_seconds=0.02)
+        assert not policy.drafting(0) and policy.drafting(512)
 
 
 def test_calibration_is_applied_before_allocation():
@@ -264,5 +292,6 @@ def test_engine_with_the_scheduler_policy_stays_lossless(tiny_llama_dir):
         core.enable_speculation(drafter_for(core, "dspark", "markov"), policy)
         assert core.generate(prompts, params) == reference
         assert policy.stats().rounds > 2
+        assert policy.live.seen.any()  # the engine reported its step times
     counts = core.stats().spec.verify_length_counts
     assert sum(1 for n in counts if n) > 1  # more than one verification length was used
