@@ -9,8 +9,10 @@ the drafter has no confidence head) and priority [R] >= 1 (how far each request 
 per-request SLA floor; a policy that ranks candidates weighs their survival by it; None: no
 floors), and other_tokens, the forward's tokens besides the drafting rows' [anchor, drafts]
 (prefill chunks, rows not drafting): the step's size is other_tokens + R + Σ ℓ; and
-draft_seconds, what drafting took this round. Fixed policies ignore them and always draft; the
-prefix scheduler process (scheduler/) plugs in through the same interface. NumPy arrays only.
+draft_seconds, what drafting took this round; and greedy [R], which requests decode greedily
+(their drafts are accepted by another rule, so the scheduler calibrates them apart). Fixed
+policies ignore them and always draft; the prefix scheduler process (scheduler/) plugs in
+through the same interface. NumPy arrays only.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 class AllocationPolicy(Protocol):
     def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int,
                 priority: np.ndarray | None = None, other_tokens: int = 0,
-                draft_seconds: float = 0.0) -> np.ndarray:
+                draft_seconds: float = 0.0, greedy: np.ndarray | None = None) -> np.ndarray:
         """-> [R] int verification lengths, each in 0..gamma."""
         ...
 
@@ -43,7 +45,7 @@ class FixedLength:
 
     def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int,
                 priority: np.ndarray | None = None, other_tokens: int = 0,
-                draft_seconds: float = 0.0) -> np.ndarray:
+                draft_seconds: float = 0.0, greedy: np.ndarray | None = None) -> np.ndarray:
         return np.full(num_requests, min(self.n, gamma), dtype=np.int64)
 
     def drafting(self, other_tokens: int = 0) -> bool:

@@ -23,7 +23,8 @@ from engine.weights import load_model_config, load_state_dict, resolve_checkpoin
 def allocation_policy(config: EngineConfig, core: EngineCore, drafter) -> AllocationPolicy:
     """The prefix scheduler for drafters with a confidence head (unless allocation=fixed), with
     the throughput curve of this model and hardware (profiled now when none is cached) and the
-    drafter's calibration (`dspark calibrate`) when it has one; otherwise fixed lengths."""
+    drafter's calibrations (`dspark calibrate`, sampled and greedy) when it has them; otherwise
+    fixed lengths."""
     if config.allocation == "fixed" or (config.allocation == "auto"
                                         and not drafter.config.has_confidence):
         return FixedLength(config.block_size or drafter.gamma)
@@ -35,9 +36,11 @@ def allocation_policy(config: EngineConfig, core: EngineCore, drafter) -> Alloca
     from scheduler.recalibrate import RecalibrationConfig
 
     curve = throughput_curve(core, drafter)
-    calibration = load_calibration(resolve_drafter_path(config.drafter or config.spec_method))
-    return PrefixSchedulerPolicy(curve, calibration, PolicyConfig(draft_cost=config.draft_cost),
-                                 recalibration=RecalibrationConfig() if config.recalibrate else None)
+    path = resolve_drafter_path(config.drafter or config.spec_method)
+    return PrefixSchedulerPolicy(curve, load_calibration(path),
+                                 PolicyConfig(draft_cost=config.draft_cost),
+                                 RecalibrationConfig() if config.recalibrate else None,
+                                 greedy_calibration=load_calibration(path, greedy=True))
 
 
 def throughput_curve(core: EngineCore, drafter):

@@ -173,8 +173,9 @@ class Speculator:
         room = [min(batch.num_lookahead[row], self.max_model_len - r.num_tokens)
                 for row, r in zip(rows, requests)]  # reserved slots, and the context limit
         other = batch.total_tokens - len(rows)  # prefill chunks and rows not drafting
+        greedy = np.array([r.params.greedy for r in requests])  # [R] each regime's calibration
         lengths = np.minimum(self.policy.lengths(conf, self.gamma, len(rows), priority, other,
-                                                 draft_seconds), room)
+                                                 draft_seconds, greedy), room)
         tokens = out.tokens.tolist()  # [R][gamma]
         for i, row in enumerate(rows):
             drafts[row] = tokens[i][:lengths[i]]

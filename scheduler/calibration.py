@@ -36,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-CALIBRATION_FILE = "calibration.json"
+CALIBRATION_FILE = "calibration.json"  # fitted on rounds sampled at temperature > 0
+GREEDY_CALIBRATION_FILE = "calibration-greedy.json"  # fitted on greedy rounds
 _GRID_CHUNK_ELEMENTS = 4_000_000  # probabilities evaluated at once in the grid search (~32 MB)
 
 
@@ -376,18 +377,24 @@ def calibrate(data: CalibrationData, config: STSConfig = STSConfig(),
 
 
 # ---- storage next to the drafter, and the reliability diagram ---------------------------------
-def save_calibration(drafter_dir: str | Path, report: CalibrationReport) -> Path:
-    """Write <drafter_dir>/calibration.json atomically."""
-    path = Path(drafter_dir) / CALIBRATION_FILE
+def calibration_path(drafter_dir: str | Path, greedy: bool = False) -> Path:
+    """Where a drafter keeps the calibration of the sampled (or the greedy) regime."""
+    return Path(drafter_dir) / (GREEDY_CALIBRATION_FILE if greedy else CALIBRATION_FILE)
+
+
+def save_calibration(drafter_dir: str | Path, report: CalibrationReport,
+                     greedy: bool = False) -> Path:
+    """Write the regime's calibration file (calibration_path) atomically."""
+    path = calibration_path(drafter_dir, greedy)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report.to_dict(), indent=1))
     os.replace(tmp, path)
     return path
 
 
-def load_calibration(drafter_dir: str | Path) -> Calibration | None:
-    """The drafter's fitted temperatures, or None when it was never calibrated."""
-    report = load_report(drafter_dir)
+def load_calibration(drafter_dir: str | Path, greedy: bool = False) -> Calibration | None:
+    """The drafter's fitted temperatures for the regime, or None when it has none."""
+    report = load_report(drafter_dir, greedy)
     return None if report is None else report.calibration
 
 
@@ -404,8 +411,8 @@ def load_rounds(path: str | Path) -> CalibrationData:
         return CalibrationData(f["logits"].astype(np.float64), f["accepted"], f["verified"])
 
 
-def load_report(drafter_dir: str | Path) -> CalibrationReport | None:
-    path = Path(drafter_dir) / CALIBRATION_FILE
+def load_report(drafter_dir: str | Path, greedy: bool = False) -> CalibrationReport | None:
+    path = calibration_path(drafter_dir, greedy)
     if not path.exists():
         return None
     return CalibrationReport.from_dict(json.loads(path.read_text()))

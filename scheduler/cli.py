@@ -17,7 +17,8 @@ def add_commands(sub) -> None:
     c = sub.add_parser("calibrate", formatter_class=fmt,
                        help="fit per-position temperatures of a drafter's confidences (STS)")
     c.add_argument("--drafter", required=True, help="drafter directory or shipped name; "
-                   "calibration.json is written into it")
+                   "calibration.json (calibration-greedy.json at --temperature 0) is written "
+                   "into it")
     c.add_argument("--prompts", default=None, help='JSONL of {"domain": ..., "prompt": ...} '
                    "(default: held-out prompts from the training generators)")
     c.add_argument("--per-domain", type=int, default=40, help="held-out prompts per domain")
@@ -25,7 +26,8 @@ def add_commands(sub) -> None:
                    help="size of the training set to keep out (dspark train data --per-domain)")
     c.add_argument("--max-new-tokens", type=int, default=128)
     c.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the "
-                   "calibration rounds (the confidence head is trained for temperature 1)")
+                   "calibration rounds (the confidence head is trained for temperature 1); 0 fits "
+                   "the calibration greedy requests are served with")
     c.add_argument("--batch", type=int, default=10, help="prompts generated concurrently")
     c.add_argument("--plot", default=None, help="reliability diagram PNG "
                    "(default: reliability.png in the drafter directory)")
@@ -147,13 +149,15 @@ def _saved_rounds(path: str):
 def _fit_and_report(args, path: Path, data, holdout, source: str) -> int:
     from scheduler.calibration import calibrate, plot_reliability, save_calibration
 
+    greedy = args.temperature == 0
     report = calibrate(data, holdout=holdout)
-    save_calibration(path, report)
-    plot = plot_reliability(data, report, args.plot or path / "reliability.png")
+    saved = save_calibration(path, report, greedy)
+    plot = plot_reliability(data, report, args.plot or path / ("reliability-greedy.png" if greedy
+                                                               else "reliability.png"))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=1))
     print(f"{report.num_rounds} rounds from {source}; temperatures and metrics "
-          f"in {path / 'calibration.json'}, reliability diagram {plot}")
+          f"in {saved}, reliability diagram {plot}")
     held = report.num_holdout_rounds
     print(f"position  T       b       ECE before  ECE after  AUROC before  AUROC after"
           + (f"  held-out ECE before  after ({held} rounds)" if held else ""))

@@ -18,9 +18,11 @@ answer says plain decoding beats every capacity at this round's X, drafting() tu
 the engine stops drafting, except for probe rounds whose fresh confidences can say otherwise
 (drafting() reads the newest answer that has arrived, always a past round's, never this
 round's tokens: lossless).
-With a RecalibrationConfig, observe() also feeds every served round to an OnlineRecalibrator
-(scheduler/recalibrate.py); its periodic drift check and refit run in one worker thread, and a
-refitted calibration is swapped in at the first observe() after it is ready.
+Greedy and sampled requests accept drafts by different rules, so each regime has its own
+calibration when the drafter ships both (scheduler/served_calibration.py): lengths() takes a
+[R] greedy mask and calibrates every row with its regime's. With a RecalibrationConfig, observe()
+also feeds each regime's served rounds to its own online refits (scheduler/recalibrate.py),
+which run in one worker thread.
 If the process has died, that round verifies full blocks, the death is counted and the process
 is restarted; nothing is raised to the engine. Any K is lossless here because it never depends on
 this round's tokens (scheduler/allocate.py).
@@ -37,10 +39,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from scheduler.allocate import top_k_lengths
-from scheduler.calibration import Calibration, OnlineCalibration, logit
+from scheduler.calibration import Calibration, OnlineCalibration
 from scheduler.live_curve import LiveCurve
 from scheduler.process import DIED, Answer, SchedulerProcess
-from scheduler.recalibrate import OnlineRecalibrator, RecalibrationConfig
+from scheduler.recalibrate import RecalibrationConfig
+from scheduler.served_calibration import ServedCalibration
 from scheduler.throughput import ThroughputCurve
 
 log = logging.getLogger("dspark.scheduler")
@@ -77,14 +80,17 @@ class SchedulerStats:
 class PrefixSchedulerPolicy:
     def __init__(self, curve: ThroughputCurve, calibration: Calibration | None = None,
                  config: PolicyConfig = PolicyConfig(),
-                 recalibration: RecalibrationConfig | None = None) -> None:
-        self.curve, self.calibration, self.config = curve, calibration, config
+                 recalibration: RecalibrationConfig | None = None,
+                 greedy_calibration: Calibration | None = None) -> None:
+        self.curve, self.config = curve, config
         self.live = LiveCurve(curve) if config.live_curve else None
-        self.recalibration = recalibration
-        self._recalibrator: OnlineRecalibrator | None = None
         self._worker: ThreadPoolExecutor | None = None  # runs drift checks and refits
-        self._refit: Future | None = None  # the one in flight
-        self._last_logits: np.ndarray | None = None  # [R, γ] raw z of the latest round
+        sampled = ServedCalibration("sampled", calibration, recalibration, self._submit)
+        greedy = sampled if greedy_calibration is None else ServedCalibration(
+            "greedy", greedy_calibration, recalibration, self._submit)
+        self.regimes = (sampled, greedy)  # indexed by "the request is greedy"
+        self._last_confidences: np.ndarray | None = None  # [R, γ] of the latest round
+        self._last_greedy: np.ndarray | None = None  # [R] bool of the latest round
         self.process: SchedulerProcess | None = SchedulerProcess(curve, config.max_in_flight_bytes)
         self.round = 0
         self._pending: dict[int, Answer] = {}  # answers whose round has not come yet
@@ -97,16 +103,17 @@ class PrefixSchedulerPolicy:
     # ---- the AllocationPolicy interface --------------------------------------------------------
     def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int,
                 priority: np.ndarray | None = None, other_tokens: int = 0,
-                draft_seconds: float = 0.0) -> np.ndarray:
+                draft_seconds: float = 0.0, greedy: np.ndarray | None = None) -> np.ndarray:
         """confidences: [R, γ] drafter c_k (or None), priority: [R] weights >= 1 or None,
         other_tokens: the forward's tokens besides the drafting rows' [anchor, drafts],
-        draft_seconds: what drafting this round took -> ℓ [R]."""
+        draft_seconds: what drafting this round took, greedy: [R] bool, which requests decode
+        greedily (None: none) -> ℓ [R]."""
         full = np.full(num_requests, gamma, dtype=np.int64)
         if confidences is None or num_requests == 0:
             return full
-        if self.recalibration is not None:  # the refit works on raw logits
-            self._last_logits = logit(np.asarray(confidences, dtype=np.float64))
-        a = self.survival(confidences)  # [R, γ]
+        greedy = np.zeros(num_requests, bool) if greedy is None else np.asarray(greedy, bool)
+        self._last_confidences, self._last_greedy = np.asarray(confidences), greedy
+        a = self.survival(confidences, greedy)  # [R, γ]
         self._last_survival = a
         t, self.round = self.round, self.round + 1
         d = draft_seconds if self.config.draft_cost else 0.0
@@ -128,12 +135,21 @@ class PrefixSchedulerPolicy:
         newest = max(self._pending.values(), key=lambda a: a.round, default=self._current)
         return newest is None or newest.drafts(other_tokens)
 
-    def survival(self, confidences: np.ndarray) -> np.ndarray:
-        """[R, γ] drafter confidences -> calibrated prefix survival [R, γ]."""
-        c = np.asarray(confidences, dtype=np.float64)
-        if self.calibration is None:
-            return np.cumprod(np.clip(c, 0.0, 1.0), axis=1)
-        return self.calibration.survival(c)
+    def survival(self, confidences: np.ndarray, greedy: np.ndarray | None = None) -> np.ndarray:
+        """[R, γ] drafter confidences, [R] greedy mask -> calibrated prefix survival [R, γ],
+        each row by its regime's calibration."""
+        sampled, greedy_cal = self.regimes
+        if greedy is None or greedy_cal is sampled or not greedy.any():
+            return sampled.survival(confidences)
+        a = greedy_cal.survival(confidences)
+        if not greedy.all():
+            a[~greedy] = sampled.survival(np.asarray(confidences)[~greedy])
+        return a
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The sampled regime's calibration in use (after any online refit)."""
+        return self.regimes[0].calibration
 
     # ---- talking to the process --------------------------------------------------------------
     def _exchange(self, t: int, a: np.ndarray, draft_seconds: float = 0.0) -> bool:
@@ -212,42 +228,32 @@ class PrefixSchedulerPolicy:
             return
         if self._online is None or self._online.gamma != a.shape[1]:
             self._online = OnlineCalibration(a.shape[1], self.config.ece_bins)
-        self._online.update(a, np.asarray(accepted), np.asarray(verified))
-        if self.recalibration is not None:
-            self._recalibrate(np.asarray(accepted), np.asarray(verified))
+        accepted, verified = np.asarray(accepted), np.asarray(verified)
+        self._online.update(a, accepted, verified)
+        c, greedy = self._last_confidences, self._last_greedy
+        swapped = False
+        for regime, rows in self._regime_rows(greedy):
+            swapped |= regime.observe(c[rows], accepted[rows], verified[rows])
+        if swapped:
+            self._online = None  # the online error restarts under the new calibration
 
-    def _recalibrate(self, accepted: np.ndarray, verified: np.ndarray) -> None:
-        gamma = self._last_logits.shape[1]
-        if self._recalibrator is None or self._recalibrator.gamma != gamma:
-            self._recalibrator = OnlineRecalibrator(gamma, self.recalibration)
-        recal = self._recalibrator
-        recal.update(self._last_logits, accepted, verified)
-        if self._refit is not None:
-            if not self._refit.done():
-                return  # one refit at a time; rounds keep filling the window meanwhile
-            self._apply(self._refit.result())
-        if recal.due():
-            if self._worker is None:
-                self._worker = ThreadPoolExecutor(1, thread_name_prefix="dspark-recalibrate")
-            current = self.calibration or Calibration.identity(gamma)
-            self._refit = self._worker.submit(recal.refit, current, recal.window_data())
+    def _regime_rows(self, greedy: np.ndarray):
+        """-> [(regime, rows of the latest round it calibrated)], each regime once."""
+        sampled, greedy_cal = self.regimes
+        if greedy_cal is sampled:
+            return [(sampled, np.ones_like(greedy))]
+        return [(sampled, ~greedy), (greedy_cal, greedy)]
 
-    def _apply(self, fitted: Calibration | None) -> None:
-        self._refit = None
-        if fitted is None:
-            return
-        log.info("confidences drifted (window ECE %.2f%% above noise): refitted to T = %s, b = %s",
-                 100 * self._recalibrator.last_drift,
-                 ", ".join(f"{t:.2f}" for t in fitted.temperatures),
-                 ", ".join(f"{b:+.2f}" for b in fitted.shifts))
-        self.calibration = fitted
-        self._online = None  # the online error restarts under the new calibration
+    def _submit(self, fn, *args) -> Future:
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="dspark-recalibrate")
+        return self._worker.submit(fn, *args)
 
     def settle(self, timeout: float = 30.0) -> None:
-        """Wait for a refit in flight and apply it; for tests and benchmarks (the engine never
-        waits for one)."""
-        if self._refit is not None:
-            self._apply(self._refit.result(timeout))
+        """Wait for the refits in flight and apply them; for tests and benchmarks (the engine
+        never waits for one)."""
+        if any([regime.settle(timeout) for regime in set(self.regimes)]):
+            self._online = None
 
     def stats(self) -> SchedulerStats:
         answer = self._current
@@ -256,7 +262,7 @@ class PrefixSchedulerPolicy:
             late_rounds=self.late_rounds, restarts=self.restarts,
             rounds=self.round, calibration_error=self._online.error() if self._online else 0.0,
             solve_seconds=answer.solve_seconds if answer else 0.0,
-            recalibrations=self._recalibrator.refits if self._recalibrator else 0)
+            recalibrations=sum(regime.refits for regime in set(self.regimes)))
 
     def close(self) -> None:
         if self._worker is not None:

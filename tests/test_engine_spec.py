@@ -164,7 +164,7 @@ class RecordingPolicy:
         self.other = []  # other_tokens per round
 
     def lengths(self, confidences, gamma, num_requests, priority=None, other_tokens=0,
-                draft_seconds=0.0):
+                draft_seconds=0.0, greedy=None):
         self.calls.append((num_requests, None if priority is None else priority.copy()))
         self.other.append(other_tokens)
         return np.full(num_requests, min(self.n, gamma), dtype=np.int64)
@@ -200,7 +200,7 @@ class NotPayingPolicy(RecordingPolicy):
         self.draft_seconds = []
 
     def lengths(self, confidences, gamma, num_requests, priority=None, other_tokens=0,
-                draft_seconds=0.0):
+                draft_seconds=0.0, greedy=None):
         self.draft_seconds.append(draft_seconds)
         return super().lengths(confidences, gamma, num_requests, priority, other_tokens)
 

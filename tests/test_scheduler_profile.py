@@ -180,6 +180,14 @@ def test_calibrate_command(core, tiny_llama_dir, tmp_path):
                    "--plot", str(tmp_path / "r.png")])
     assert scheduler_cli.run(again) == 0
     assert load_report(drafter_dir).to_dict() == report.to_dict()
+    # --temperature 0: the greedy regime's file, beside the sampled one, which stays as it was
+    assert load_report(drafter_dir, greedy=True) is None
+    greedy = parse(["calibrate", "--drafter", str(drafter_dir), "--rounds-in",
+                    str(tmp_path / "rounds.npz"), "--temperature", "0"])
+    assert scheduler_cli.run(greedy) == 0
+    assert load_report(drafter_dir, greedy=True).to_dict() == report.to_dict()
+    assert (drafter_dir / "reliability-greedy.png").exists()
+    assert load_report(drafter_dir).to_dict() == report.to_dict()
 
 
 def test_split_holdout():

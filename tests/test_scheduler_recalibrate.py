@@ -101,3 +101,32 @@ def test_rarely_verified_positions_keep_their_calibration():
 def test_bad_config_is_refused():
     with pytest.raises(ValueError):
         RecalibrationConfig(window=100, min_rounds=200)
+
+
+def test_each_regime_refits_from_its_own_rows():
+    """Greedy rows come from the drifted drafter, sampled rows are served as calibrated: only
+    the greedy calibration is refitted, and each row is calibrated by its regime's."""
+    data, _ = synthetic_rounds(SCALES, n=6000, seed=7)
+    c = sigmoid(data.logits)  # [N, γ]
+    identity = Calibration.identity(len(SCALES))
+    sampled = Calibration((0.5,) * len(SCALES))
+    cfg = RecalibrationConfig(window=4096, every=256, min_rounds=1024)
+    greedy = np.array([True, False] * 3)
+    with PrefixSchedulerPolicy(CURVE, sampled, recalibration=cfg,
+                               greedy_calibration=identity) as policy:
+        a = policy.survival(c[:6], greedy)
+        np.testing.assert_allclose(a[greedy], identity.survival(c[:6][greedy]))
+        np.testing.assert_allclose(a[~greedy], sampled.survival(c[:6][~greedy]))
+        for s in range(0, 6000, 3):  # 3 greedy rows of the drifted drafter, 3 sampled rows
+            conf = np.repeat(c[s:s + 3], 2, axis=0)
+            lengths = policy.lengths(conf, len(SCALES), 6, greedy=greedy)
+            accepted = np.repeat(data.accepted[s:s + 3], 2)
+            accepted[~greedy] = 0  # sampled rows: whatever they show, they are not greedy's
+            policy.observe(lengths, np.minimum(accepted, lengths))
+            if s % 600 == 0:
+                policy.settle()
+        policy.settle()
+        sampled_regime, greedy_regime = policy.regimes
+        assert greedy_regime.refits >= 1 and policy.stats().recalibrations >= greedy_regime.refits
+        np.testing.assert_allclose(greedy_regime.calibration.temperatures[0], SCALES[0], rtol=0.25)
+        assert policy.calibration.temperatures[0] != greedy_regime.calibration.temperatures[0]
