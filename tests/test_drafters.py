@@ -322,3 +322,26 @@ def test_greedy_acceptance_equals_drafting_at_every_anchor() -> None:
     assert result["anchors"] == len(taus)
     assert result["tau"] == pytest.approx(sum(taus) / len(taus))
     assert result["tau"] > 1.3  # not vacuous: most first guesses are accepted
+
+
+def test_blocks_attend_in_one_call_as_in_the_per_group_loop():
+    """Drafting's layout (equal unmasked blocks, context row ranges of unequal length, one of
+    them empty) goes through one padded attention call; it equals the per-group loop."""
+    from drafters.layers import Group, _attend, _attend_blocks, _equal_open_blocks
+
+    g, heads, kv_heads, dim = 4, 6, 2, 8
+    lens = [5, 0, 11, 3]
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(len(lens) * g, heads, dim, generator=gen)
+    k, v = (torch.randn(len(lens) * g, kv_heads, dim, generator=gen) for _ in range(2))
+    ctx_k, ctx_v = (torch.randn(sum(lens), kv_heads, dim, generator=gen) for _ in range(2))
+    starts = [sum(lens[:i]) for i in range(len(lens))]
+    groups = [Group(slice(i * g, (i + 1) * g), slice(s, s + n), None)
+              for i, (s, n) in enumerate(zip(starts, lens))]
+    assert _equal_open_blocks(groups)
+    want = torch.cat([_attend(q[grp.q_rows], torch.cat([ctx_k[grp.ctx_rows], k[grp.q_rows]]),
+                              torch.cat([ctx_v[grp.ctx_rows], v[grp.q_rows]]), None)
+                      for grp in groups])
+    torch.testing.assert_close(_attend_blocks(q, k, v, ctx_k, ctx_v, groups), want)
+    masked = [Group(groups[0].q_rows, groups[0].ctx_rows, torch.ones(g, lens[0] + g, dtype=torch.bool))]
+    assert not _equal_open_blocks(masked)  # training's block masks keep the loop
