@@ -1,6 +1,6 @@
 """Allocation policies: how many of each request's drafted tokens the target verifies this round.
 
-    lengths(confidences, gamma, R, priority, other_tokens, draft_seconds)
+    lengths(confidences, gamma, R, priority, other_tokens, draft_seconds, greedy)
         -> l_r in 0..gamma per drafting request
     drafting(other_tokens) -> whether the next round should draft at all
 
