@@ -106,19 +106,12 @@ def global_capacity(a: np.ndarray, curve: ThroughputCurve, other: int = 0) -> in
     return int(np.argmax(theta))
 
 
-def capacity_and_drafting(a: np.ndarray, curve: ThroughputCurve, other: int = 0,
-                          draft_seconds: float = 0.0) -> tuple[int, bool]:
-    """The global search with the drafting time d: (K = argmax_m Θ_m, whether drafting pays,
-    i.e. max_m Θ_m > Θ_plain = R · SPS(X + R)). d = 0 is global_capacity and always drafts."""
-    ks, pays = capacities_and_drafting(a, curve, (other,), draft_seconds)
-    return int(ks[0]), bool(pays[0])
-
-
 def capacities_and_drafting(a: np.ndarray, curve: ThroughputCurve, others=OTHER_GRID,
                             draft_seconds: float = 0.0, per_draft: float = 0.0
                             ) -> tuple[np.ndarray, np.ndarray]:
-    """capacity_and_drafting for every X in `others` at once: a [R, γ], others [G] ->
-    (K [G] int64, drafting pays [G] bool). With B_{g,m} = X_g + R + m,
+    """The global search with the drafting time d and the per-draft cost β, for every X in
+    `others` at once: a [R, γ], others [G] -> (K [G] int64, drafting pays [G] bool), i.e.
+    max_m Θ beats plain decoding (d = 0: always). With B_{g,m} = X_g + R + m,
         Θ_{g,m} = E_m / (1/SPS(B_{g,m}) + β·m + d),   K_g = argmax_m Θ_{g,m},
         pays_g = d <= 0 or Θ_{g,K_g} > R · SPS(X_g + R)."""
     _, theta = throughput_paths(a, curve, others, draft_seconds, per_draft)  # [G, Rγ+1]

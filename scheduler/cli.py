@@ -159,7 +159,7 @@ def _fit_and_report(args, path: Path, data, holdout, source: str) -> int:
     print(f"{report.num_rounds} rounds from {source}; temperatures and metrics "
           f"in {saved}, reliability diagram {plot}")
     held = report.num_holdout_rounds
-    print(f"position  T       b       ECE before  ECE after  AUROC before  AUROC after"
+    print("position  T       b       ECE before  ECE after  AUROC before  AUROC after"
           + (f"  held-out ECE before  after ({held} rounds)" if held else ""))
     for k, t in enumerate(report.temperatures):
         b = report.shifts[k] if report.shifts else 0.0

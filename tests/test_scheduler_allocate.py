@@ -7,10 +7,17 @@ import itertools
 import numpy as np
 import pytest
 
-from scheduler.allocate import (candidate_order, capacities_and_drafting, capacity_and_drafting,
-                                global_capacity, greedy_lengths, grid_index,
-                                random_survival, solver_seconds, throughput_path, top_k_lengths)
+from scheduler.allocate import (candidate_order, capacities_and_drafting, global_capacity,
+                                greedy_lengths, grid_index, random_survival, solver_seconds,
+                                throughput_path, top_k_lengths)
 from scheduler.throughput import ThroughputCurve
+
+
+def capacity_and_drafting(a, curve, other=0, draft_seconds=0.0):
+    """capacities_and_drafting at one X -> (K, drafting pays)."""
+    ks, pays = capacities_and_drafting(a, curve, (other,), draft_seconds)
+    return int(ks[0]), bool(pays[0])
+
 
 FLAT = ThroughputCurve((1024,), (1.0,))  # SPS constant: every admission helps
 
