@@ -157,13 +157,15 @@ def random_survival(num_requests: int, gamma: int, rng: np.random.Generator) -> 
 
 def solver_seconds(num_requests: int, gamma: int, curve: ThroughputCurve,
                    repeats: int = 200, seed: int = 0) -> float:
-    """Median wall time of one production round of the solver: the capacity search on one
-    snapshot plus the top-K admission on another."""
+    """Median wall time of one production round of the solver: the process's capacity search
+    on one snapshot (every X of OTHER_GRID, with a drafting time and a per-draft cost) plus the
+    engine's top-K admission on another."""
     rng = np.random.default_rng(seed)
     snaps = [random_survival(num_requests, gamma, rng) for _ in range(8)]
     times = []
     for i in range(repeats):
         start = time.perf_counter()
-        top_k_lengths(snaps[(i + 1) % 8], global_capacity(snaps[i % 8], curve))
+        ks, _ = capacities_and_drafting(snaps[i % 8], curve, OTHER_GRID, 0.01, 0.001)
+        top_k_lengths(snaps[(i + 1) % 8], int(ks[0]))
         times.append(time.perf_counter() - start)
     return float(np.median(times))
