@@ -206,7 +206,7 @@ class SchedulerProcess:
         """Ask the child to stop, then make sure it has (kill after `timeout`)."""
         if self._conn is not None:
             try:
-                self._conn.send_bytes(SNAPSHOT.pack(STOP_ROUND, 0, 0, 0, 0.0, 0.0))
+                self._conn.send_bytes(Snapshot(STOP_ROUND, np.zeros((0, 0))).encode())
             except DIED:
                 pass
             self._conn.close()
