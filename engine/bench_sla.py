@@ -27,11 +27,12 @@ from engine.config import EngineConfig
 from engine.core import EngineCore
 
 LEVELS = (1, 2, 4, 8, 16, 32)
-METHODS = {  # name -> (spec_method, allocation)
+METHODS = {  # name -> (spec_method, allocation); dspark+scheduler and none next to each other,
+    # so the rotating interleave runs them back to back in most repeats (paired_ratio)
     "dspark+scheduler": ("dspark", "scheduler"),
+    "none": ("none", "auto"),
     "dspark-fixed": ("dspark", "fixed"),
     "mtp1": ("mtp1", "fixed"),
-    "none": ("none", "auto"),
 }
 
 
@@ -81,15 +82,17 @@ def median_row(runs: list[dict]) -> dict:
     return {key: round(statistics.median(r[key] for r in runs), 3) for key in runs[0]}
 
 
-def run_methods(cfg: SlaBenchConfig, prompts: list[list[int]]) -> dict:
-    """{method: {level: figures}}, every method's engine alive throughout, levels in order,
-    the methods interleaved within each level."""
+def run_methods(cfg: SlaBenchConfig, prompts: list[list[int]]) -> tuple[dict, dict]:
+    """-> ({method: {level: figures}}, {method: {level: [aggregate tok/s of each repeat]}}),
+    every method's engine alive throughout, levels in order, the methods interleaved within
+    each level."""
     cores = {}
     try:
         for name in cfg.methods:
             cores[name] = _core(cfg, name)
             closed_loop(cores[name], prompts[:2], 2, 4)  # warm-up
         rows: dict = {name: {} for name in cfg.methods}
+        repeats: dict = {name: {} for name in cfg.methods}
         for c in cfg.levels:
             runs: dict = {name: [] for name in cfg.methods}
             for rep in range(cfg.repeats):
@@ -98,7 +101,8 @@ def run_methods(cfg: SlaBenchConfig, prompts: list[list[int]]) -> dict:
                     runs[name].append(run_level(cores[name], prompts, c, cfg.max_tokens))
             for name in cfg.methods:
                 rows[name][str(c)] = median_row(runs[name])
-        return rows
+                repeats[name][str(c)] = [r["aggregate_tps"] for r in runs[name]]
+        return rows, repeats
     finally:
         for core in cores.values():
             core.close()
@@ -119,7 +123,7 @@ def bench_sla(cfg: SlaBenchConfig) -> dict:
                     "repeats": cfg.repeats, "model": probe.model_cfg.name,
                     "dtype": str(probe.runner.dtype).removeprefix("torch.")}
     del probe
-    result["methods"] = run_methods(cfg, prompts)
+    result["methods"], result["aggregate_repeats"] = run_methods(cfg, prompts)
     _sla_fields(cfg, result)
     return result
 
@@ -133,6 +137,14 @@ def bench_prompts_for(text, n: int, max_len: int, max_tokens: int) -> list[list[
     if not prompts:
         raise ValueError("no benchmark prompt fits the model's context")
     return prompts
+
+
+def paired_ratio(ours: list[float], base: list[float]) -> float:
+    """Median over repeats i of ours_i / base_i. Both methods' repeat i ran in the same pass of
+    the interleave, mostly back to back, so the machine's drift (single runs swing by 20% here)
+    largely cancels inside each ratio; the ratio of the two medians would compare runs from
+    different minutes."""
+    return round(statistics.median(o / b for o, b in zip(ours, base)), 3)
 
 
 def _sla_fields(cfg: SlaBenchConfig, result: dict) -> None:
@@ -150,8 +162,9 @@ def _sla_fields(cfg: SlaBenchConfig, result: dict) -> None:
                 result[f"gain_vs_mtp1_{kind}"] = round(ours / base, 3) if base else None
     top = str(max(cfg.levels))
     if "dspark+scheduler" in m and "none" in m:
-        result[f"ratio_vs_none_c{top}"] = round(
-            m["dspark+scheduler"][top]["aggregate_tps"] / m["none"][top]["aggregate_tps"], 3)
+        result[f"ratio_vs_none_c{top}"] = paired_ratio(
+            result["aggregate_repeats"]["dspark+scheduler"][top],
+            result["aggregate_repeats"]["none"][top])
     if "dspark+scheduler" in m:
         result["mean_verify_len"] = {c: r["mean_verify_len"] for c, r in m["dspark+scheduler"].items()}
 

@@ -7,15 +7,24 @@ Terms, defined once for this module:
     B = X + Σ_r (1 + ℓ_r)              forward size (X: the step's other tokens, prefill chunks
                                        and rows not drafting, which ride in the same forward)
     E = Σ_r (1 + Σ_{j<=ℓ_r} a_{r,j})    expected emitted tokens (+1: the recovered/bonus token)
-    Θ = E · SPS(B)                     expected tokens per second
-    Θ = E / (1/SPS(B) + d)             the same with the round's drafting time d (seconds), which
-                                       a round that drafts pays on top of its forward
-    Θ = E / (1/SPS(B) + β·Σℓ + d)      and with β, what a verified draft costs beyond the curve's
+    t(B) = 1/SPS(B)                    seconds of a forward of B tokens
+    Θ = E · SPS(B)                     expected tokens per second (the paper's, X = 0)
+    Θ = E / (t(R) + t(B) − t(X + R) + d)
+                                       with X > 0 and the round's drafting time d (seconds).
+                                       The other tokens' share of the forward, t(X + R) − t(R),
+                                       is paid whether anyone drafts or not and yields no token
+                                       this round, so it is left out: the round is judged as its
+                                       R rows' own step plus what the drafts add at the forward's
+                                       real size. Counting it in would make time look cheap in a
+                                       prefill-heavy step (Θ_plain = R / t(X + R)) and admit
+                                       drafts there that cost more time than they save.
+    Θ = E / (t(R) + t(B) − t(X + R) + β·Σℓ + d)
+                                       and with β, what a verified draft costs beyond the curve's
                                        token (measured while serving: scheduler/live_curve.py)
 Candidates (r, j) are taken in order of a_{r,j} descending, ties by smaller j first, so (r, j)
 always comes before (r, j + 1): any first m candidates of the order form prefixes. After the
 first m, with v_i the i-th survival in that order,
-    B_m = X + R + m,   E_m = R + Σ_{i<=m} v_i,   Θ_m = E_m · SPS(B_m),   m = 0..Rγ.
+    B_m = X + R + m,   E_m = R + Σ_{i<=m} v_i,   Θ_m = E_m / (t(R) + t(B_m) − t(X + R)),   m = 0..Rγ.
 
 Algorithm 1 (greedy, synchronous) admits while Θ improves and stops at the first drop. Whether
 (r, j) is admitted then depends only on the candidates ranked above it, never on a_{r,j+1} (which
@@ -23,7 +32,7 @@ is ranked below), so never on the token x_{r,j} it is about to verify: lossless.
 Production (asynchronous): K = argmax_m Θ_m over ALL m (a global search that may jump over SPS
 cliffs), computed on the confidences of two rounds earlier; this round admits the K current
 candidates of highest a. With d > 0 the same search also answers whether drafting pays at all:
-when plain decoding, Θ_plain = R · SPS(X + R) (no drafter, one token per request), beats every
+when plain decoding, Θ_plain = R · SPS(R) (no drafter, one token per request), beats every
 m, the engine stops drafting (scheduler/policy.py) until a probe round says otherwise.
 X changes from round to round, so the process answers both for every X of OTHER_GRID and the
 round applying the answer reads the entry nearest to its own X (capacities_and_drafting).
@@ -82,7 +91,9 @@ def throughput_paths(a: np.ndarray, curve: ThroughputCurve, others, draft_second
     e = r + np.concatenate([[0.0], np.cumsum(a.ravel()[order])])  # [Rγ+1] E_m
     m = np.arange(order.size + 1)  # [Rγ+1]
     b = x + r + m  # [G, Rγ+1] B_{g,m}
-    return order, e / (1.0 / curve.sps(b) + per_draft * m + draft_seconds)
+    t = 1.0 / curve.sps(b)  # [G, Rγ+1] t(B_{g,m}); column 0 is t(X_g + R)
+    own = 1.0 / curve.sps(r) + t - t[:, :1]  # t(R) + t(B_m) − t(X + R): the other tokens' share out
+    return order, e / (own + per_draft * m + draft_seconds)
 
 
 def lengths_of(order: np.ndarray, k: int, num_requests: int, gamma: int) -> np.ndarray:
@@ -112,12 +123,11 @@ def capacities_and_drafting(a: np.ndarray, curve: ThroughputCurve, others=OTHER_
     """The global search with the drafting time d and the per-draft cost β, for every X in
     `others` at once: a [R, γ], others [G] -> (K [G] int64, drafting pays [G] bool), i.e.
     max_m Θ beats plain decoding (d = 0: always). With B_{g,m} = X_g + R + m,
-        Θ_{g,m} = E_m / (1/SPS(B_{g,m}) + β·m + d),   K_g = argmax_m Θ_{g,m},
-        pays_g = d <= 0 or Θ_{g,K_g} > R · SPS(X_g + R)."""
+        Θ_{g,m} = E_m / (t(R) + t(B_{g,m}) − t(X_g + R) + β·m + d),   K_g = argmax_m Θ_{g,m},
+        pays_g = d <= 0 or Θ_{g,K_g} > R · SPS(R)."""
     _, theta = throughput_paths(a, curve, others, draft_seconds, per_draft)  # [G, Rγ+1]
-    x = np.asarray(others, dtype=np.int64)  # [G]
     ks = np.argmax(theta, axis=1)  # [G]
-    plain = a.shape[0] * curve.sps(x + a.shape[0])  # [G]
+    plain = a.shape[0] * curve.sps(a.shape[0])  # Θ of the rows' own plain step, every X
     pays = (draft_seconds <= 0) | (theta[np.arange(ks.size), ks] > plain)
     return ks.astype(np.int64), np.asarray(pays, dtype=bool).reshape(-1)
 

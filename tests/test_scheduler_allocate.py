@@ -9,7 +9,7 @@ import pytest
 
 from scheduler.allocate import (candidate_order, capacities_and_drafting, global_capacity,
                                 greedy_lengths, grid_index, random_survival, solver_seconds,
-                                throughput_path, top_k_lengths)
+                                throughput_path, throughput_paths, top_k_lengths)
 from scheduler.throughput import ThroughputCurve
 
 
@@ -268,13 +268,26 @@ def test_drafting_time_enters_the_objective_and_can_stop_drafting():
 
 
 def test_capacities_and_verdicts_for_several_other_token_counts_by_hand():
-    """R = 1, a = [0.5, 0.25], d = 0.1 s. X = 0: 0.1 s steps, Θ = 1/0.2, 1.5/0.2, 1.75/0.2 =
-    5, 7.5, 8.75 < plain 10: K = 2, no. X = 99: 1 s steps, Θ = 1/1.1, 1.5/1.1, 1.75/1.1 =
-    0.91, 1.36, 1.59 > plain 1: K = 2, drafting pays."""
+    """R = 1, a = [0.5, 0.25], d = 0.01 s; t(1) = t(3) = 0.1 s, t(100) = 1 s, t(103) = 2 s.
+    X = 0: drafts ride free up to B = 3, Θ = 1/0.11, 1.5/0.11, 1.75/0.11 = 9.1, 13.6, 15.9
+    > plain 10: K = 2, draft. X = 99: the prefill's own 0.9 s is left out, but each draft adds
+    1/3 s at B = 100..102: Θ = 1/0.11, 1.5/0.443, 1.75/0.777 = 9.1, 3.4, 2.3: K = 0 and
+    9.1 < 10, no. (Counting the prefill in, Θ = 1/1.01, 1.5/1.343, 1.75/1.677 = 0.99, 1.12,
+    1.04 would beat its plain 1/1.0 and draft.)"""
+    curve = ThroughputCurve((1, 3, 100, 103), (10.0, 10.0, 1.0, 0.5), padded=False)
+    ks, pays = capacities_and_drafting(np.array([[0.5, 0.25]]), curve, (0, 99), 0.01)
+    assert ks.tolist() == [2, 0] and pays.tolist() == [True, False]
+    assert capacity_and_drafting(np.array([[0.5, 0.25]]), curve, 99, 0.01) == (0, False)
+
+
+def test_the_other_tokens_share_of_the_forward_is_left_out():
+    """A flat curve beyond X: drafts cost nothing extra at X = 99, so Θ is the X = 0 figure
+    whatever t(X + R) is."""
     curve = ThroughputCurve((1, 3, 100, 103), (10.0, 10.0, 1.0, 1.0), padded=False)
-    ks, pays = capacities_and_drafting(np.array([[0.5, 0.25]]), curve, (0, 99), 0.1)
-    assert ks.tolist() == [2, 2] and pays.tolist() == [False, True]
-    assert capacity_and_drafting(np.array([[0.5, 0.25]]), curve, 99, 0.1) == (2, True)
+    a = np.array([[0.5, 0.25]])
+    _, theta = throughput_paths(a, curve, (0, 99), 0.1)
+    assert np.allclose(theta[0], [1 / 0.2, 1.5 / 0.2, 1.75 / 0.2])
+    assert np.allclose(theta[1], theta[0])
 
 
 def test_grid_index_is_nearest_on_a_log_scale():
