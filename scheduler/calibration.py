@@ -129,14 +129,22 @@ class Calibration:
 
     def survival_from_logits(self, z: np.ndarray) -> np.ndarray:
         """z: [R, γ] raw logits -> a [R, γ], a_k = Π_{i<=k} σ(z_i / T_i + b_i)."""
-        g = z.shape[1]
-        t = np.asarray(self.temperatures[:g])
-        b = np.asarray(self.shifts[:g]) if self.shifts else 0.0
-        return np.cumprod(sigmoid(z / t + b), axis=1)
+        return np.cumprod(sigmoid(self.position_logits(z)), axis=1)
 
     def survival(self, confidences: np.ndarray) -> np.ndarray:
         """confidences: [R, γ] c_k = σ(z_k) as the drafter reports them -> a [R, γ]."""
         return self.survival_from_logits(logit(confidences))
+
+    def position_logits(self, z: np.ndarray) -> np.ndarray:
+        """z: [N, γ] raw logits -> u [N, γ], u_k = z_k / T_k + b_k (a_k = Π_{i<=k} σ(u_i))."""
+        g = z.shape[1]
+        return z / np.asarray(self.temperatures[:g]) + (np.asarray(self.shifts[:g])
+                                                        if self.shifts else 0.0)
+
+    def shifted(self, delta: np.ndarray) -> Calibration:
+        """The same temperatures with every shift moved by delta [γ]: b_k + δ_k."""
+        base = np.asarray(self.shifts) if self.shifts else np.zeros(len(self.temperatures))
+        return Calibration(self.temperatures, tuple((base + np.asarray(delta)).tolist()))
 
 
 # ---- metrics ---------------------------------------------------------------------------------

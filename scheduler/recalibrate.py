@@ -14,7 +14,18 @@ trigger refits of a well calibrated drafter). When drift > threshold, fit_sts re
 window (temperatures and shifts by log loss, as offline, inside a box; positions with too few
 labels keep theirs), and the result is kept only if it lowers the drift.
 Rounds that verified ℓ < γ drafts count at positions ≤ ℓ only (prefix_labels), so the scheduler
-choosing ℓ from the confidences does not bias the refit. NumPy only.
+choosing ℓ from the confidences does not bias the refit.
+
+A refit needs min_rounds rows, and a benchmark level or a short burst of traffic may never
+collect them. Meanwhile a per-position logit offset δ_k, fitted on whatever the window holds,
+corrects the bias of the calibration in use (served survival σ(u_k + δ_k), u_k = z_k/T_k + b_k).
+It is the MAP estimate under a prior δ_k ~ N(0, 1/λ), over the rows that reached position k
+(verified it, with positions < k accepted), y their label:
+    max_δ  Σ_n [y_n log σ(u_n + δ) + (1 − y_n) log(1 − σ(u_n + δ))] − λ δ² / 2
+    Newton:  g = Σ (y − p) − λ δ,   h = Σ p (1 − p) + λ,   δ ← δ + g / h,   p = σ(u + δ)
+(concave, so the iteration converges). The prior weighs like 4λ labels at p = ½: a handful of
+rounds nudges δ, a few dozen set it. It resets whenever a refit replaces the calibration.
+NumPy only.
 """
 from __future__ import annotations
 
@@ -38,11 +49,17 @@ class RecalibrationConfig:
     # wildly (T → 0.05, b → ±2 seen on the default model), so online refits stay in a box
     t_range: tuple[float, float] = (0.25, 4.0)
     shift_max: float = 1.0
+    offset_strength: float = 8.0  # λ of the offsets' prior (0: no offsets)
+    offset_every: int = 64  # rows observed between offset fits
+    offset_max: float = 2.0  # |δ_k| at most (logit units)
 
     def __post_init__(self) -> None:
         if not 0 < self.min_rounds <= self.window or self.every < 1 or self.threshold < 0:
             raise ValueError("recalibration needs 0 < min_rounds <= window, every >= 1, "
                              "threshold >= 0")
+        if self.offset_strength < 0 or self.offset_every < 1 or self.offset_max < 0:
+            raise ValueError("offsets need offset_strength >= 0, offset_every >= 1, "
+                             "offset_max >= 0")
 
 
 def noise_ece(a: np.ndarray, bins: int = 20) -> float:
@@ -52,6 +69,22 @@ def noise_ece(a: np.ndarray, bins: int = 20) -> float:
     idx = np.minimum((a * bins).astype(np.int64), bins - 1)
     var = np.bincount(idx, weights=a * (1.0 - a), minlength=bins)  # [bins] Σ a(1 − a)
     return float(np.sqrt(2.0 / np.pi * var).sum() / a.size)
+
+
+def map_offsets(calibration: Calibration, data: CalibrationData, strength: float,
+                bound: float = np.inf, iters: int = 8) -> np.ndarray:
+    """The MAP logit offsets δ [γ] of the module docstring, |δ_k| <= bound."""
+    u = calibration.position_logits(np.asarray(data.logits, dtype=np.float64))  # [N, γ]
+    y, counted = data.labels()  # [N, γ] each
+    reached = counted.copy()
+    reached[:, 1:] &= y[:, :-1]  # position k counts only after positions < k were accepted
+    delta = np.zeros(u.shape[1])
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(u + delta)))  # [N, γ]
+        g = np.where(reached, y - p, 0.0).sum(axis=0) - strength * delta  # [γ]
+        h = np.where(reached, p * (1.0 - p), 0.0).sum(axis=0) + strength
+        delta = np.clip(delta + g / np.maximum(h, 1e-12), -bound, bound)
+    return delta
 
 
 class OnlineRecalibrator:

@@ -9,7 +9,9 @@ ServedCalibration per regime (the same object for both when the drafter has one 
 Each turns confidences into prefix survival and, with a RecalibrationConfig, feeds its own
 served rounds to an OnlineRecalibrator (scheduler/recalibrate.py), whose drift check and refit
 run through `submit` (the policy's worker thread); a refit is swapped in at the first observe()
-after it is ready.
+after it is ready. Until a refit has enough rows, and between refits, every offset_every rows
+the window also refits per-position logit offsets (map_offsets, in the engine thread: a few
+Newton steps over the window), and survival is served through the calibration shifted by them.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from scheduler.calibration import Calibration, logit
-from scheduler.recalibrate import OnlineRecalibrator, RecalibrationConfig
+from scheduler.recalibrate import OnlineRecalibrator, RecalibrationConfig, map_offsets
 
 log = logging.getLogger("dspark.scheduler")
 
@@ -35,13 +37,17 @@ class ServedCalibration:
         self.recalibration, self._submit = recalibration, submit
         self._recalibrator: OnlineRecalibrator | None = None
         self._refit: Future | None = None  # the one in flight
+        self.served: Calibration | None = None  # calibration shifted by the online offsets
+        self._since_offsets = 0  # rows observed since the offsets were fitted
 
     def survival(self, confidences: np.ndarray) -> np.ndarray:
-        """[R, γ] drafter confidences -> calibrated prefix survival [R, γ] (Π c without one)."""
+        """[R, γ] drafter confidences -> calibrated prefix survival [R, γ] (Π c without one),
+        through the online offsets once there are some."""
         c = np.asarray(confidences, dtype=np.float64)
-        if self.calibration is None:
+        served = self.served or self.calibration
+        if served is None:
             return np.cumprod(np.clip(c, 0.0, 1.0), axis=1)
-        return self.calibration.survival(c)
+        return served.survival(c)
 
     @property
     def refits(self) -> int:
@@ -57,6 +63,7 @@ class ServedCalibration:
             self._recalibrator = OnlineRecalibrator(gamma, self.recalibration)
         recal = self._recalibrator
         recal.update(logit(np.asarray(confidences, dtype=np.float64)), accepted, verified)
+        self._fit_offsets(len(accepted))
         swapped = False
         if self._refit is not None:
             if not self._refit.done():
@@ -67,10 +74,22 @@ class ServedCalibration:
             self._refit = self._submit(recal.refit, current, recal.window_data())
         return swapped
 
+    def _fit_offsets(self, rows: int) -> None:
+        cfg = self.recalibration
+        self._since_offsets += rows
+        if cfg.offset_strength <= 0 or self._since_offsets < cfg.offset_every:
+            return
+        self._since_offsets = 0
+        base = self.calibration or Calibration.identity(self._recalibrator.gamma)
+        delta = map_offsets(base, self._recalibrator.window_data(), cfg.offset_strength,
+                            cfg.offset_max)
+        self.served = base.shifted(delta)
+
     def _apply(self, fitted: Calibration | None) -> bool:
         self._refit = None
         if fitted is None:
             return False
+        self.served, self._since_offsets = None, 0  # offsets restart over the new calibration
         log.info("%s confidences drifted (window ECE %.2f%% above noise): refitted to T = %s, "
                  "b = %s", self.name, 100 * self._recalibrator.last_drift,
                  ", ".join(f"{t:.2f}" for t in fitted.temperatures),

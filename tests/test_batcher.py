@@ -136,3 +136,25 @@ def test_random_workload_with_preemption_finishes_and_frees_every_block():
     assert all(r.is_finished and len(r.output_token_ids) == r.params.max_tokens for r in requests)
     assert b.num_preemptions > 0  # the pool was small enough to exercise preemption
     assert b.pool.num_free == b.pool.num_blocks
+
+
+def test_draft_slots_take_only_what_the_scheduled_tokens_leave():
+    """Budget 16, lookahead 3: with a 30-token prompt waiting, its chunks take the 14 tokens
+    the two decoding rows leave and nobody gets draft slots; once the prompt's last 2 tokens
+    are scheduled, each decoding row gets 3 slots (and KV room for them) from the 12 spare."""
+    b = make(budget=16)
+    for name in ("a", "c"):
+        b.add(req(name, 2, max_tokens=20))
+    step(b)  # both prompts done, first tokens sampled
+    b.add(req("p", 30, max_tokens=20))
+    for want in ([("a", 1), ("c", 1), ("p", 14)], [("a", 1), ("c", 1), ("p", 14)]):
+        batch = b.schedule(lookahead=3)
+        assert plan(batch) == want and batch.num_lookahead == (0, 0, 0)
+        for r, n in zip(batch.requests, batch.num_new_tokens):
+            r.num_computed_tokens += n
+        for r in batch.requests[:2]:
+            r.append_token(5)
+    batch = b.schedule(lookahead=3)
+    assert plan(batch) == [("a", 1), ("c", 1), ("p", 2)] and batch.num_lookahead == (3, 3, 0)
+    for r, n, k in zip(batch.requests, batch.num_new_tokens, batch.num_lookahead):
+        assert len(r.block_table) * b.pool.block_size >= r.num_computed_tokens + n + k

@@ -8,7 +8,8 @@ import pytest
 
 from scheduler.calibration import Calibration, CalibrationData, sigmoid
 from scheduler.policy import PrefixSchedulerPolicy
-from scheduler.recalibrate import OnlineRecalibrator, RecalibrationConfig
+from scheduler.recalibrate import OnlineRecalibrator, RecalibrationConfig, map_offsets
+from scheduler.served_calibration import ServedCalibration
 from tests.test_scheduler_calibration import synthetic_rounds
 from tests.test_scheduler_policy import CURVE
 
@@ -130,3 +131,50 @@ def test_each_regime_refits_from_its_own_rows():
         assert greedy_regime.refits >= 1 and policy.stats().recalibrations >= greedy_regime.refits
         np.testing.assert_allclose(greedy_regime.calibration.temperatures[0], SCALES[0], rtol=0.25)
         assert policy.calibration.temperatures[0] != greedy_regime.calibration.temperatures[0]
+
+
+def test_map_offsets_solve_the_map_equation_by_hand():
+    """Position 1 only, u = 0 (p = ½) in all 100 rows, 30 accepted. The MAP δ solves
+    Σ (y − σ(δ)) = λ δ, i.e. 30 − 100 σ(δ) = λ δ: between 0 and the MLE logit(0.3) = −0.847,
+    and the MLE itself without a prior."""
+    acc = np.array([1] * 30 + [0] * 70)
+    data = CalibrationData(np.zeros((100, 1)), acc, np.ones(100, dtype=np.int64))
+    identity = Calibration.identity(1)
+    (delta,) = map_offsets(identity, data, strength=8.0)
+    assert abs(30 - 100 * sigmoid(delta) - 8.0 * delta) < 1e-6
+    assert np.log(0.3 / 0.7) < delta < 0
+    (mle,) = map_offsets(identity, data, strength=0.0)
+    assert mle == pytest.approx(np.log(0.3 / 0.7), abs=1e-6)
+    assert map_offsets(identity, data, strength=0.0, bound=0.5)[0] == -0.5
+    empty = CalibrationData(np.zeros((0, 1)), np.zeros(0, dtype=np.int64))
+    assert map_offsets(identity, empty, strength=8.0).tolist() == [0.0]
+
+
+def test_map_offsets_count_a_position_only_after_the_earlier_ones_passed():
+    """Position 2 is labelled by the rows that verified it with position 1 accepted: 40 of
+    them, 10 accepted -> the MLE logit(0.25), whatever the 60 rows stopped at position 1 say."""
+    acc = np.array([2] * 10 + [1] * 30 + [0] * 60)
+    ver = np.array([2] * 40 + [2] * 30 + [1] * 30)
+    data = CalibrationData(np.zeros((100, 2)), acc, ver)
+    delta = map_offsets(Calibration.identity(2), data, strength=0.0)
+    np.testing.assert_allclose(delta, [np.log(0.4 / 0.6), np.log(0.25 / 0.75)], atol=1e-6)
+
+
+def test_offsets_correct_an_overconfident_drafter_long_before_a_refit():
+    """The drafter says 0.6 at every position; 30% of its first drafts pass. After 128 served
+    rows (min_rounds 1024: no refit yet) the served survival at position 1 has moved most of
+    the way to the observed rate (the prior, worth ~32 labels at 0.6, holds back the rest)."""
+    rng = np.random.default_rng(0)
+    cfg = RecalibrationConfig(offset_every=64)
+    regime = ServedCalibration("greedy", Calibration.identity(3), cfg, submit=lambda *a: None)
+    conf = np.full((128, 3), 0.6)
+    assert regime.survival(conf[:1])[0, 0] == pytest.approx(0.6)
+    accepted = (rng.random(128) < 0.3).astype(np.int64)  # a pass at 1, then a rejection
+    regime.observe(conf, accepted, np.full(128, 3))
+    assert regime.refits == 0
+    served, seen = regime.survival(conf[:1])[0, 0], accepted.mean()
+    assert seen < served < seen + 0.3 * (0.6 - seen)
+    off = ServedCalibration("greedy", Calibration.identity(3),
+                            RecalibrationConfig(offset_strength=0.0), submit=lambda *a: None)
+    off.observe(conf, accepted, np.full(128, 3))
+    assert off.survival(conf[:1])[0, 0] == pytest.approx(0.6)
