@@ -52,8 +52,8 @@ from scheduler.throughput import ThroughputCurve
 # The X (other tokens in the forward) the scheduler process answers for. X swings between
 # rounds (prefill chunks come and go) while a capacity is used two rounds after its snapshot,
 # so the process answers K and the verdict for each of these and the engine reads the entry
-# nearest to its own round's X: a K fitted to a 500-token prefill step, where drafts ride
-# almost free, must not be applied to the pure decode step after it.
+# nearest to its own round's X: a K fitted to a 500-token prefill step (on a GPU, drafts that
+# fit its padded bucket ride free) must not be applied to the pure decode step after it.
 OTHER_GRID = (0, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 

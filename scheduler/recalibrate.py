@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scheduler.calibration import Calibration, CalibrationData, STSConfig, ece, fit_sts
+from scheduler.calibration import Calibration, CalibrationData, STSConfig, ece, fit_sts, sigmoid
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def map_offsets(calibration: Calibration, data: CalibrationData, strength: float
     reached[:, 1:] &= y[:, :-1]  # position k counts only after positions < k were accepted
     delta = np.zeros(u.shape[1])
     for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-(u + delta)))  # [N, γ]
+        p = sigmoid(u + delta)  # [N, γ]
         g = np.where(reached, y - p, 0.0).sum(axis=0) - strength * delta  # [γ]
         h = np.where(reached, p * (1.0 - p), 0.0).sum(axis=0) + strength
         delta = np.clip(delta + g / np.maximum(h, 1e-12), -bound, bound)
