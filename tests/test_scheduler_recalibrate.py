@@ -3,6 +3,8 @@ drafter is refitted from served rounds, a calibrated one is left alone, censored
 (ℓ < γ verified) do not bias the refit."""
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import numpy as np
 import pytest
 
@@ -160,13 +162,20 @@ def test_map_offsets_count_a_position_only_after_the_earlier_ones_passed():
     np.testing.assert_allclose(delta, [np.log(0.4 / 0.6), np.log(0.25 / 0.75)], atol=1e-6)
 
 
+def run_now(fn, *args) -> Future:
+    """A submit that runs the job at once (the policy's worker, without the thread)."""
+    done = Future()
+    done.set_result(fn(*args))
+    return done
+
+
 def test_offsets_correct_an_overconfident_drafter_long_before_a_refit():
     """The drafter says 0.6 at every position; 30% of its first drafts pass. After 128 served
     rows (min_rounds 1024: no refit yet) the served survival at position 1 has moved most of
     the way to the observed rate (the prior, worth ~32 labels at 0.6, holds back the rest)."""
     rng = np.random.default_rng(0)
     cfg = RecalibrationConfig(offset_every=64)
-    regime = ServedCalibration("greedy", Calibration.identity(3), cfg, submit=lambda *a: None)
+    regime = ServedCalibration("greedy", Calibration.identity(3), cfg, submit=run_now)
     conf = np.full((128, 3), 0.6)
     assert regime.survival(conf[:1])[0, 0] == pytest.approx(0.6)
     accepted = (rng.random(128) < 0.3).astype(np.int64)  # a pass at 1, then a rejection
@@ -175,6 +184,6 @@ def test_offsets_correct_an_overconfident_drafter_long_before_a_refit():
     served, seen = regime.survival(conf[:1])[0, 0], accepted.mean()
     assert seen < served < seen + 0.3 * (0.6 - seen)
     off = ServedCalibration("greedy", Calibration.identity(3),
-                            RecalibrationConfig(offset_strength=0.0), submit=lambda *a: None)
+                            RecalibrationConfig(offset_strength=0.0), submit=run_now)
     off.observe(conf, accepted, np.full(128, 3))
     assert off.survival(conf[:1])[0, 0] == pytest.approx(0.6)
