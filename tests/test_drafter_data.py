@@ -2,13 +2,15 @@
 sequence; shards round-trip and resume; prompt sets keep training and evaluation apart."""
 from __future__ import annotations
 
+import ast
 import json
 
 import pytest
 import torch
 
 from drafters.data import DataConfig, build_training_data, default_feature_layers, load_training_data
-from drafters.prompts import eval_prompts, read_prompts, training_prompts
+from drafters import prompt_sources
+from drafters.prompts import PROMPT_SET, eval_prompts, read_prompts, training_prompts
 from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.messages import SamplingParams
@@ -30,7 +32,7 @@ def test_recorded_data_equals_a_direct_forward_and_resumes(core, tiny_llama_dir,
                      feature_layers=(1, 2))
     build_training_data(core, text, cfg, progress=False)
     meta, seqs = load_training_data(tmp_path / "d")
-    assert meta["feature_layers"] == [1, 2] and len(seqs) == 6
+    assert meta["feature_layers"] == [1, 2] and len(seqs) == 6 and meta["prompt_set"] == PROMPT_SET
     prompts = training_prompts(2)
     for seq in seqs:
         ids = text.apply_chat_template([{"role": "user", "content": prompts[seq.seq_id]["prompt"]}])
@@ -84,6 +86,22 @@ def test_training_and_evaluation_prompts_never_overlap() -> None:
     assert len(held_out) == 120
     assert not train & {p["prompt"] for p in held_out}
     assert [p["domain"] for p in training_prompts(3)] == ["math", "code", "chat"] * 3
+
+
+def test_prompt_set_2_draws_on_every_source() -> None:
+    prompts = training_prompts(30)
+    code = [p["prompt"] for p in prompts if p["domain"] == "code"]
+    chat = [p["prompt"] for p in prompts if p["domain"] == "chat"]
+    completions = [c for c in code if c.startswith("Complete this Python function.")]
+    assert len(completions) == 10  # a third of the code prompts
+    for c in completions:  # a standard-library signature and docstring, nothing else
+        (fn,) = ast.parse(c.split("\n\n", 1)[1]).body
+        assert isinstance(fn, ast.FunctionDef) and ast.get_docstring(fn) and len(fn.body) == 1
+    passages = set(prompt_sources.stdlib_passages())
+    assert sum(c.split("\n\n", 1)[-1] in passages for c in chat) == 6  # a fifth of chat
+    assert len(set(code)) == 30 and len(set(chat)) >= 28
+    assert len(prompt_sources.stdlib_functions()) > 500 and len(passages) > 50
+    assert training_prompts(30) == prompts  # deterministic
 
 
 def test_read_prompts_errors_are_one_line(tmp_path) -> None:
