@@ -162,6 +162,22 @@ class Sequence:
     lse: torch.Tensor  # [T] fp32
 
 
+def training_prompt_ids(directory: str | Path) -> set[tuple[int, ...]]:
+    """The chat-templated prompt token ids of every sequence in a data directory (only the token
+    columns are read), so held-out sets can be checked against what a drafter trained on."""
+    from safetensors import safe_open
+
+    out = set()
+    for path in sorted(Path(directory).glob("shard_*.safetensors")):
+        with safe_open(str(path), "pt") as t:
+            tokens, mask = t.get_tensor("tokens"), t.get_tensor("loss_mask")
+            offsets = t.get_tensor("offsets").tolist()
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            answer = torch.nonzero(mask[a:b]).flatten()
+            out.add(tuple(tokens[a:a + (int(answer[0]) if len(answer) else b - a)].tolist()))
+    return out
+
+
 def load_training_data(directory: str | Path) -> tuple[dict, list[Sequence]]:
     """(meta, sequences) of a data directory, shards in order."""
     directory = Path(directory)

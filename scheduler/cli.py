@@ -24,6 +24,9 @@ def add_commands(sub) -> None:
     c.add_argument("--per-domain", type=int, default=40, help="held-out prompts per domain")
     c.add_argument("--train-per-domain", type=int, default=600,
                    help="size of the training set to keep out (dspark train data --per-domain)")
+    c.add_argument("--exclude-data", action="append", default=None, metavar="DIR",
+                   help="training-data directory whose prompts are kept out (repeatable; default: "
+                   "the drafter's own training data, when that directory is here)")
     c.add_argument("--max-new-tokens", type=int, default=128)
     c.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the "
                    "calibration rounds (the confidence head is trained for temperature 1); 0 fits "
@@ -114,13 +117,15 @@ def _calibrate(args) -> int:
     if args.rounds_in:
         data, holdout = _saved_rounds(args.rounds_in)
         return _fit_and_report(args, path, data, holdout, "saved rounds")
-    prompts = (read_prompts(args.prompts) if args.prompts
-               else calibration_prompts(args.per_domain, args.train_per_domain))
+    prompts = (read_prompts(args.prompts) if args.prompts  # a surplus: some may be trained on
+               else calibration_prompts(2 * args.per_domain, args.train_per_domain))
+    exclude = _excluded_data(args, path)
     core = EngineCore.from_config(EngineConfig(model=args.model, num_threads=args.num_threads,
                                                max_num_seqs=64, max_num_batched_tokens=1024))
     text = TextProcessor.from_dir(core.tokenizer_dir)
     drafter = load_drafter(args.drafter, *core.runner.embedding_and_lm_head()).to(core.runner.device)
     encoded = [text.apply_chat_template([{"role": "user", "content": p["prompt"]}]) for p in prompts]
+    prompts, encoded = _held_out(prompts, encoded, exclude, None if args.prompts else args.per_domain)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_new_tokens, seed=0)
     fit_ids, held_ids = split_holdout([p["domain"] for p in prompts], args.holdout_share)
     data = collect_rounds(core, drafter, [encoded[i] for i in fit_ids], params, args.batch)
@@ -131,6 +136,39 @@ def _calibrate(args) -> int:
         if holdout is not None:
             save_rounds(holdout_path(args.rounds_out), holdout)
     return _fit_and_report(args, path, data, holdout, f"{len(prompts)} prompts")
+
+
+def _excluded_data(args, drafter_path: Path) -> list[str]:
+    from drafters.registry import read_drafter_config
+
+    if args.exclude_data is not None:
+        missing = [d for d in args.exclude_data if not (Path(d) / "meta.json").exists()]
+        if missing:
+            raise ValueError(f"--exclude-data: {missing[0]} is not a training-data directory")
+        return args.exclude_data
+    own = read_drafter_config(drafter_path)[1].get("train", {}).get("data_dir", "")
+    return [own] if own and (Path(own) / "meta.json").exists() else []
+
+
+def _held_out(prompts: list[dict], encoded: list[list[int]], data_dirs: list[str],
+              per_domain: int | None) -> tuple[list[dict], list[list[int]]]:
+    """Prompts (and their ids) that no directory in data_dirs trained on, at most per_domain
+    of each domain (None: all)."""
+    from drafters.data import training_prompt_ids
+
+    seen = set().union(*(training_prompt_ids(d) for d in data_dirs))
+    counts: dict[str, int] = {}
+    kept = []
+    for p, ids in zip(prompts, encoded):
+        n = counts.get(p["domain"], 0)
+        if tuple(ids) not in seen and (per_domain is None or n < per_domain):
+            counts[p["domain"]] = n + 1
+            kept.append((p, ids))
+    if data_dirs:
+        trained = sum(tuple(ids) in seen for ids in encoded)
+        print(f"held-out prompts: {len(kept)}; {trained} candidates were in the training data "
+              f"({', '.join(data_dirs)}) and were left out")
+    return [p for p, _ in kept], [ids for _, ids in kept]
 
 
 def holdout_path(rounds_path: str | Path) -> Path:

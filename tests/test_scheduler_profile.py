@@ -190,6 +190,44 @@ def test_calibrate_command(core, tiny_llama_dir, tmp_path):
     assert load_report(drafter_dir).to_dict() == report.to_dict()
 
 
+def test_calibration_keeps_the_drafters_training_prompts_out(core, tiny_llama_dir, tmp_path,
+                                                             capsys):
+    from drafters.data import DataConfig, build_training_data, training_prompt_ids
+    from server.text import TextProcessor
+
+    text = TextProcessor.from_dir(tiny_llama_dir)
+    lines = [json.dumps({"domain": "chat", "prompt": t}) for t in ("Hello world", "The cat sat")]
+    (tmp_path / "trained.jsonl").write_text(lines[1] + "\n")
+    data = build_training_data(core, text, DataConfig(
+        str(tmp_path / "data"), max_new_tokens=4, batch=2, feature_layers=(1, 2),
+        prompts_file=str(tmp_path / "trained.jsonl")), progress=False)
+    encoded = [text.apply_chat_template([{"role": "user", "content": t}])
+               for t in ("Hello world", "The cat sat")]
+    assert training_prompt_ids(data) == {tuple(encoded[1])}
+    (tmp_path / "p.jsonl").write_text("\n".join(lines))
+    drafter_dir = save_drafter(drafter_for(core, "dspark", "markov"), tmp_path / "drafter")
+    args = parse(["calibrate", "--drafter", str(drafter_dir), "--prompts", str(tmp_path / "p.jsonl"),
+                  "--model", str(tiny_llama_dir), "--max-new-tokens", "8", "--holdout-share", "0",
+                  "--exclude-data", str(data), "--rounds-out", str(tmp_path / "r.npz")])
+    assert scheduler_cli.run(args) == 0
+    assert "held-out prompts: 1; 1 candidates were in the training data" in capsys.readouterr().out
+    alone = parse(["calibrate", "--drafter", str(drafter_dir), "--prompts", str(tmp_path / "p.jsonl"),
+                   "--model", str(tiny_llama_dir), "--max-new-tokens", "8", "--holdout-share", "0",
+                   "--rounds-out", str(tmp_path / "all.npz")])
+    assert scheduler_cli.run(alone) == 0  # no data recorded with this drafter: both prompts
+    assert len(load_rounds(tmp_path / "all.npz").accepted) > len(load_rounds(tmp_path / "r.npz").accepted)
+    with pytest.raises(ValueError, match="not a training-data directory"):
+        scheduler_cli.run(parse(["calibrate", "--drafter", str(drafter_dir), "--prompts",
+                                 str(tmp_path / "p.jsonl"), "--exclude-data", str(tmp_path)]))
+
+
+def test_held_out_caps_each_domain_after_dropping_trained_prompts():
+    prompts = [{"domain": d, "prompt": str(i)} for i, d in enumerate("aabab")]
+    ids = [[i] for i in range(5)]
+    kept, kept_ids = scheduler_cli._held_out(prompts, ids, [], 1)
+    assert [p["prompt"] for p in kept] == ["0", "2"] and kept_ids == [[0], [2]]
+
+
 def test_split_holdout():
     domains = ["math"] * 10 + ["code"] * 3 + ["chat"]
     fit, held = scheduler_cli.split_holdout(domains, 0.3)
