@@ -21,50 +21,47 @@ SKIPPED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-pa
                 "ensurepip", "turtledemo", "__pycache__"}
 
 
-def _stdlib_trees() -> list[ast.Module]:
+def stdlib_functions() -> tuple[str, ...]:
+    """Every public top-level standard-library function with a 40..800-character docstring, as
+    'def name(args):\n    \"\"\"docstring\"\"\"' (decorators and body dropped)."""
+    return _harvest()[0]
+
+
+def stdlib_passages() -> tuple[str, ...]:
+    """Prose paragraphs (200..900 characters, no code) from standard-library module docstrings."""
+    return _harvest()[1]
+
+
+@lru_cache(maxsize=1)
+def _harvest() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(functions, passages), from one parse of the standard library (~10 s)."""
+    functions, passages = [], []
     root = Path(sysconfig.get_paths()["stdlib"])
-    trees = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root)
         if any(part in SKIPPED_DIRS or part.startswith("config-") for part in rel.parts):
             continue
         try:
-            trees.append(ast.parse(path.read_text(encoding="utf-8")))
+            tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, OSError):
             continue
-    return trees
-
-
-@lru_cache(maxsize=1)
-def stdlib_functions() -> tuple[str, ...]:
-    """Every public top-level standard-library function with a 40..800-character docstring, as
-    'def name(args):\\n    \"\"\"docstring\"\"\"' (decorators and body dropped)."""
-    out = []
-    for tree in _stdlib_trees():
-        for node in tree.body:
-            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
-                continue
-            doc = ast.get_docstring(node)
-            if doc is None or not 40 <= len(doc) <= 800:
-                continue
-            stub = ast.FunctionDef(name=node.name, args=node.args, body=[ast.Expr(ast.Constant(doc))],
-                                   decorator_list=[], returns=node.returns, type_comment=None,
-                                   lineno=0)
-            out.append(ast.unparse(stub) + "\n")
-    return tuple(out)
-
-
-@lru_cache(maxsize=1)
-def stdlib_passages() -> tuple[str, ...]:
-    """Prose paragraphs (200..900 characters, no code) from standard-library module docstrings."""
-    out = []
-    for tree in _stdlib_trees():
-        doc = ast.get_docstring(tree) or ""
-        for para in doc.split("\n\n"):
+        functions += [_stub(node) for node in tree.body if _documented_function(node)]
+        for para in (ast.get_docstring(tree) or "").split("\n\n"):
             text = " ".join(para.split())
             if 200 <= len(text) <= 900 and ">>>" not in para and "::" not in para:
-                out.append(text)
-    return tuple(out)
+                passages.append(text)
+    return tuple(functions), tuple(passages)
+
+
+def _documented_function(node: ast.stmt) -> bool:
+    doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
+    return doc is not None and not node.name.startswith("_") and 40 <= len(doc) <= 800
+
+
+def _stub(node: ast.FunctionDef) -> str:
+    body = [ast.Expr(ast.Constant(ast.get_docstring(node)))]
+    return ast.unparse(ast.FunctionDef(name=node.name, args=node.args, body=body, decorator_list=[],
+                                       returns=node.returns, type_comment=None, lineno=0)) + "\n"
 
 
 WRITING_KINDS = (

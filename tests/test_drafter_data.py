@@ -104,6 +104,22 @@ def test_prompt_set_2_draws_on_every_source() -> None:
     assert training_prompts(30) == prompts  # deterministic
 
 
+def test_training_prompts_do_not_depend_on_the_hash_seed() -> None:
+    """A resumed `dspark train data` and calibration's exclusion rebuild the prompt list in a new
+    process: every generator must ask the same questions whatever PYTHONHASHSEED is."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, reasoning_gym; from drafters import prompts as p; "
+            "names = p.MATH_GENERATORS + p.CODE_PUZZLES + p.LOGIC_PUZZLES; "
+            "print(json.dumps([[x['question'] for x in reasoning_gym.create_dataset(n, size=4, seed=5)] "
+            "for n in names] + [p.training_prompts(4)]))")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]
+    assert runs[0] == runs[1] and len(json.loads(runs[0])) > 30
+
+
 def test_read_prompts_errors_are_one_line(tmp_path) -> None:
     good = tmp_path / "p.jsonl"
     good.write_text(json.dumps({"domain": "x", "prompt": "hi"}) + "\n\n")
