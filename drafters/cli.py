@@ -5,6 +5,7 @@ Heavy imports happen inside the handlers, so `dspark serve` never loads training
 from __future__ import annotations
 
 import argparse
+import sys
 
 from drafters.config import METHODS
 
@@ -127,7 +128,7 @@ def _train_data(args) -> int:
 
 
 def _train_drafter(args) -> int:
-    from drafters.train import TrainConfig, train
+    from drafters.train import TrainConfig, TrainingStopped, train
 
     cfg = TrainConfig(args.data, args.out, method=args.method, head=args.head,
                       block_size=args.block_size, num_layers=args.layers, head_rank=args.head_rank,
@@ -135,7 +136,11 @@ def _train_drafter(args) -> int:
                       seqs_per_step=args.seqs_per_step, anchors_per_seq=args.anchors_per_seq,
                       lr=args.lr, kl=args.kl, holdout=args.holdout, model=args.model,
                       device=args.device)
-    print(f"drafter saved in {train(cfg)}")
+    try:
+        print(f"drafter saved in {train(cfg)}")
+    except TrainingStopped as stopped:
+        print(f"dspark: {stopped}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -5,16 +5,21 @@ Each step packs `seqs_per_step` random sequences with up to `anchors_per_seq` bl
 (drafters/losses.py) with AdamW (no weight decay), linear warm-up then cosine decay, and gradient
 clipping. Checkpoints (model, optimiser, step, RNG) are written every `checkpoint_every` steps
 to out_dir/checkpoint.pt; a rerun with the same out_dir resumes there. The final drafter is
-saved in out_dir (drafters/registry.py format).
+saved in out_dir (drafters/registry.py format). SIGINT or SIGTERM ends the run after its current
+step with both saved (the drafter's summary says `stopped_at_step`), so nothing is lost.
 """
 from __future__ import annotations
 
 import json
 import math
 import random
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -122,34 +127,77 @@ def train(tc: TrainConfig, progress: bool = True) -> Path:
     weights = replace(DSPARK_LOSS, kl=tc.kl) if tc.method == "dspark" else CE_LOSS
     bar = tqdm(total=tc.steps, initial=step, desc=f"train {tc.method}", disable=not progress)
     start, history, validation = time.perf_counter(), [], None
-    while step < tc.steps:
-        batch = pack(rng.sample(sequences, min(len(sequences), tc.seqs_per_step)), drafter.gamma,
-                     tc.anchors_per_seq, rng).to(device)
-        logits, conf = model.train_forward(batch)
-        loss, terms = drafter_loss(logits, conf, batch, model.vocab, weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip)
-        opt.step()
-        sched.step()
-        step += 1
-        history.append(terms)
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
-        if step % tc.checkpoint_every == 0 or step == tc.steps:
-            _checkpoint(out / "checkpoint.pt", model, opt, sched, rng, step, tc)
-            if held_out:
-                validation = greedy_acceptance(model, held_out, drafter.gamma)
-                bar.write(f"step {step}: held-out greedy tau {validation['tau']:.3f}, "
-                          f"conditional acceptance {validation['conditional']}")
+    with stop_on_signals() as stop:
+        while step < tc.steps and not stop.requested:
+            batch = pack(rng.sample(sequences, min(len(sequences), tc.seqs_per_step)),
+                         drafter.gamma, tc.anchors_per_seq, rng).to(device)
+            terms = _step(model, opt, sched, batch, weights, tc.clip)
+            step += 1
+            history.append(terms)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                _checkpoint(out / "checkpoint.pt", model, opt, sched, rng, step, tc)
+                if held_out:
+                    validation = greedy_acceptance(model, held_out, drafter.gamma)
+                    bar.write(f"step {step}: held-out greedy tau {validation['tau']:.3f}, "
+                              f"conditional acceptance {validation['conditional']}")
     bar.close()
+    stopped = step < tc.steps
+    if stopped and step % tc.checkpoint_every:
+        _checkpoint(out / "checkpoint.pt", model, opt, sched, rng, step, tc)
     summary = {"train": asdict(tc), "seconds_this_run": round(time.perf_counter() - start, 1),
                "final_terms": _average(history[-50:])}
-    if held_out:
+    if stopped:
+        summary["stopped_at_step"] = step
+    elif held_out:
         validation = validation or greedy_acceptance(model, held_out, drafter.gamma)  # resumed
+    if validation:
         summary["validation"] = validation | {"sequences": len(held_out)}
     save_drafter(drafter, out, summary)
+    if stopped:
+        raise TrainingStopped(f"stopped at step {step} of {tc.steps}: checkpoint and weights "
+                              f"saved in {out}; the same command resumes from there")
     return out
+
+
+def _step(model, opt, sched, batch, weights, clip: float) -> dict:
+    """One optimiser step on a packed batch -> the loss terms."""
+    logits, conf = model.train_forward(batch)
+    loss, terms = drafter_loss(logits, conf, batch, model.vocab, weights)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    sched.step()
+    return terms
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """A signal ended training early; the checkpoint and the weights so far were saved first."""
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGINT/SIGTERM (Ctrl-C, `timeout`, `docker stop`) set stop.requested, so the loop ends
+    after its current step and saves; a second SIGINT interrupts at once. Main thread only
+    (elsewhere signals cannot be caught, and nothing is installed)."""
+    stop = SimpleNamespace(requested=False)
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def request(signum, frame) -> None:
+        if stop.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.requested = True
+
+    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _average(history: list[dict]) -> dict:

@@ -7,9 +7,10 @@
 # then run(command="bash scripts/gpu_train.sh", timeout_s=590, carry=["gpu-in"]).
 # Phase 1: the target answers the prompts on the GPU (batch 256) and its features are cached in
 # /tmp (several GB; they stay there). Phase 2: every drafter trains STEPS steps at the same
-# budget. Out ($OUT): each drafter's trainable weights (~14 MB each, no checkpoint), logs, and
-# times.txt with the seconds of each phase, to compare with the CPU's (see README: ~2.5-3.7 s a
-# step on one CPU thread).
+# budget; a drafter its timeout cuts short still saves the weights of the step it reached (its
+# drafter.json says stopped_at_step). Out ($OUT): each drafter's trainable weights (~14 MB each,
+# no checkpoint), logs, and times.txt with the seconds of each phase, to compare with the CPU's
+# (see README: ~2.5-3.7 s a step on one CPU thread).
 set -uo pipefail
 export PYTHONPATH=.:gpu-in PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-out}

@@ -89,6 +89,44 @@ def test_training_resumes_from_its_checkpoint(trained, capsys):
     assert "\n" not in err and "lr: 0.0006 there, 0.01 now" in err
 
 
+def test_a_signal_stops_training_after_its_step_and_loses_nothing(trained, tmp_path, capsys,
+                                                                  monkeypatch):
+    """SIGTERM (what `timeout` and `docker stop` send) in the middle of step 3 of 6: the step
+    finishes, the checkpoint and the weights of step 3 are saved, the command says so in one
+    line and exits 130; the same command then resumes at step 3 and finishes."""
+    import signal
+
+    import drafters.train as train_module
+
+    root, model = trained
+    argv = ["train", "drafter", "--model", model, "--data", str(root / "data"),
+            "--out", str(tmp_path / "d"), "--method", "eagle3", "--steps", "6",
+            "--seqs-per-step", "2", "--anchors-per-seq", "4", "--block-size", "3",
+            "--draft-vocab", "100", "--num-threads", "1"]
+    calls, real_pack = [], train_module.pack
+
+    def pack_then_signal(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return real_pack(*args)
+
+    monkeypatch.setattr(train_module, "pack", pack_then_signal)
+    capsys.readouterr()
+    assert main(argv) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("dspark: stopped at step 3 of 6") and "resumes" in last
+    assert torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert read_drafter_config(tmp_path / "d")[1]["stopped_at_step"] == 3
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone again
+
+    monkeypatch.setattr(train_module, "pack", real_pack)
+    assert main(argv) == 0
+    assert len(calls) == 3  # the resumed run packed its own 3 steps
+    assert torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=False)["step"] == 6
+    assert "stopped_at_step" not in read_drafter_config(tmp_path / "d")[1]
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["eval", "--drafter", "no-such-drafter"], "neither a shipped drafter"),
     (["train", "drafter", "--data", "/no/such/dir", "--out", "/tmp/x-never"], "not a training-data"),
