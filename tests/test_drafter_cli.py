@@ -127,6 +127,36 @@ def test_a_signal_stops_training_after_its_step_and_loses_nothing(trained, tmp_p
     assert "stopped_at_step" not in read_drafter_config(tmp_path / "d")[1]
 
 
+def test_a_time_budget_replaces_the_step_count(trained, tmp_path):
+    """--minutes: training runs until the budget is spent (however many steps that is), the
+    checkpoint records the seconds trained, and a rerun finds the budget spent."""
+    root, model = trained
+    argv = ["train", "drafter", "--model", model, "--data", str(root / "data"),
+            "--out", str(tmp_path / "d"), "--method", "mtp1", "--minutes", "0.02",
+            "--seqs-per-step", "2", "--anchors-per-seq", "4", "--draft-vocab", "100",
+            "--num-threads", "1"]
+    assert main(argv) == 0
+    ckpt = torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=False)
+    summary = read_drafter_config(tmp_path / "d")[1]
+    assert ckpt["elapsed"] >= 1.2 and ckpt["step"] == summary["steps_done"] >= 1
+    before = (tmp_path / "d" / "weights.safetensors").read_bytes()
+    assert main(argv) == 0
+    assert (tmp_path / "d" / "weights.safetensors").read_bytes() == before
+
+
+def test_the_time_schedule_warms_up_then_decays_to_zero():
+    from drafters.train import lr_factor, time_lr_factor
+
+    assert time_lr_factor(0.0, 0.04) == pytest.approx(0.01)
+    assert time_lr_factor(0.02, 0.04) == pytest.approx(0.5)
+    assert time_lr_factor(0.04, 0.04) == pytest.approx(1.0)
+    assert time_lr_factor(0.52, 0.04) == pytest.approx(0.5)
+    assert time_lr_factor(1.0, 0.04) == pytest.approx(0.0, abs=1e-12)
+    assert time_lr_factor(1.5, 0.04) == pytest.approx(0.0, abs=1e-12)  # past the budget
+    # the step schedule at the same shares agrees, up to its whole-step warm-up
+    assert lr_factor(520, 1000, 0.04) == pytest.approx(time_lr_factor(0.52, 0.04))
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["eval", "--drafter", "no-such-drafter"], "neither a shipped drafter"),
     (["train", "drafter", "--data", "/no/such/dir", "--out", "/tmp/x-never"], "not a training-data"),
