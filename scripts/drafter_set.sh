@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The CPU cycle that replaces the shipped drafter set, one phase per call (each resumable):
+#   scripts/drafter_set.sh train      five drafters at one budget, two lanes of one thread each
+#   scripts/drafter_set.sh proxy      teacher-forced greedy τ on the eval-set answers (~25 s each)
+#   scripts/drafter_set.sh eval       dspark eval at T = 0 and 1 for all five, and the README table
+#   scripts/drafter_set.sh calibrate  DSpark's two calibrations (temperature 1, then greedy)
+# Settings (environment): SET (name prefix, default "next"), DATA (runs/data-mix), STEPS (1400),
+# RANK (DSpark's head rank, 256). Drafters land in runs/drafters/$SET-NAME, logs in
+# runs/log-$SET-NAME.txt, reports in runs/eval/. Shipping is a decision, not a phase: copy
+# weights.safetensors and drafter.json (and DSpark's calibrations) into drafters/weights/NAME
+# only when every drafter's table row is better than the shipped one.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+SET=${SET:-next} DATA=${DATA:-runs/data-mix} STEPS=${STEPS:-1400} RANK=${RANK:-256}
+NAMES=(dspark dspark-rnn dflash eagle3 mtp1)
+declare -A METHOD=([dspark]="dspark --head markov" [dspark-rnn]="dspark --head rnn"
+                   [dflash]=dflash [eagle3]=eagle3 [mtp1]=mtp1)
+mkdir -p runs/eval
+
+train_one() {  # name: a finished drafter (weights without a stop mark) is left alone
+  local out=runs/drafters/$SET-$1
+  python - "$out" <<'PY' 2>/dev/null && return
+import json, sys
+summary = json.load(open(f"{sys.argv[1]}/drafter.json"))["summary"]
+sys.exit(0 if "stopped_at_step" not in summary else 1)
+PY
+  # shellcheck disable=SC2086  # METHOD holds "method [--head h]"
+  dspark train drafter --data "$DATA" --out "$out" --method ${METHOD[$1]} --head-rank "$RANK" \
+    --steps "$STEPS" --lr 1e-3 --num-threads 1 >> "runs/log-$SET-$1.txt" 2>&1
+}
+
+case ${1:-} in
+  train)
+    (train_one dspark; train_one dflash; train_one mtp1) &
+    (train_one eagle3; train_one dspark-rnn) &
+    wait ;;
+  proxy)
+    for n in "${NAMES[@]}"; do
+      dspark eval --data runs/data-evalset --drafter "runs/drafters/$SET-$n" --num-threads 1 | tail -n 1
+    done ;;
+  eval)
+    for t in 0 1; do
+      for n in "${NAMES[@]}"; do
+        [ -f "runs/eval/$SET-$n-t$t.json" ] || dspark eval --drafter "runs/drafters/$SET-$n" \
+          --temperature "$t" --per-domain 20 --max-new-tokens 128 --batch 10 --num-threads 2 \
+          --json "runs/eval/$SET-$n-t$t.json" > /dev/null
+      done
+    done
+    dspark eval-table runs/eval/"$SET"-*-t0.json runs/eval/"$SET"-*-t1.json \
+      --plot "runs/eval/$SET-acceptance.png" ;;
+  calibrate)
+    d=runs/drafters/$SET-dspark
+    dspark calibrate --drafter "$d" --per-domain 130 --max-new-tokens 128 --batch 20 \
+      --rounds-out "runs/calib-rounds-$SET.npz" --json "runs/calib-$SET.json" --num-threads 2
+    dspark calibrate --drafter "$d" --temperature 0 --per-domain 130 --max-new-tokens 128 \
+      --batch 20 --rounds-out "runs/calib-rounds-greedy-$SET.npz" \
+      --json "runs/calib-greedy-$SET.json" --num-threads 2 ;;
+  *)
+    echo "usage: scripts/drafter_set.sh train|proxy|eval|calibrate" >&2
+    exit 2 ;;
+esac
