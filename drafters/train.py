@@ -6,9 +6,9 @@ Each step packs `seqs_per_step` random sequences with up to `anchors_per_seq` bl
 clipping. Checkpoints (model, optimiser, step, RNG) are written every `checkpoint_every` steps
 to out_dir/checkpoint.pt; a rerun with the same out_dir resumes there. `minutes` > 0 replaces
 the step count by a wall-clock budget (summed over resumed runs), and the schedule then follows
-the elapsed share of it. The final drafter is
-saved in out_dir (drafters/registry.py format). SIGINT or SIGTERM ends the run after its current
-step with both saved (the drafter's summary says `stopped_at_step`), so nothing is lost.
+the elapsed share of it. The final drafter is saved in out_dir (drafters/registry.py format).
+SIGINT or SIGTERM ends the run after its current step with both saved (the drafter's summary
+says `stopped_at_step`), so nothing is lost.
 """
 from __future__ import annotations
 
