@@ -10,6 +10,7 @@ eagle3, mtp1; wherever a command takes --drafter it accepts a name or a path.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from drafters.chain import ChainDrafter, ChainDrafterModel
 from drafters.config import DrafterConfig
 from drafters.parallel import ParallelDrafter, ParallelDrafterModel
 from drafters.vocab import SharedVocab
+
+log = logging.getLogger("dspark.drafters")
 
 SHIPPED_DIR = Path(__file__).parent / "weights"
 SHIPPED = ("dspark", "dspark-rnn", "dflash", "eagle3", "mtp1")
@@ -68,7 +71,10 @@ def read_drafter_config(path: Path) -> tuple[DrafterConfig, dict]:
 def load_drafter(name_or_path: str, embedding: torch.Tensor, lm_head: torch.Tensor) -> Drafter:
     """embedding, lm_head: the target's [V, d] matrices (tied models pass the same one)."""
     path = resolve_drafter_path(name_or_path)
-    cfg, _ = read_drafter_config(path)
+    cfg, summary = read_drafter_config(path)
+    if "stopped_at_step" in summary:
+        log.warning("drafter %s: its training was stopped at step %d, before the schedule ended; "
+                    "its training command resumes it", path, summary["stopped_at_step"])
     if embedding.shape != (cfg.target_vocab, cfg.hidden_size):
         raise ValueError(f"drafter {name_or_path!r} was trained for a target with vocabulary "
                          f"{cfg.target_vocab} and width {cfg.hidden_size} ({cfg.target}), "

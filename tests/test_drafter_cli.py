@@ -90,7 +90,7 @@ def test_training_resumes_from_its_checkpoint(trained, capsys):
 
 
 def test_a_signal_stops_training_after_its_step_and_loses_nothing(trained, tmp_path, capsys,
-                                                                  monkeypatch):
+                                                                  monkeypatch, caplog):
     """SIGTERM (what `timeout` and `docker stop` send) in the middle of step 3 of 6: the step
     finishes, the checkpoint and the weights of step 3 are saved, the command says so in one
     line and exits 130; the same command then resumes at step 3 and finishes."""
@@ -119,6 +119,13 @@ def test_a_signal_stops_training_after_its_step_and_loses_nothing(trained, tmp_p
     assert torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=False)["step"] == 3
     assert read_drafter_config(tmp_path / "d")[1]["stopped_at_step"] == 3
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone again
+    from drafters.registry import load_drafter
+    from drafters.train import target_matrices
+
+    _, emb, head = target_matrices(model)
+    with caplog.at_level("WARNING", logger="dspark.drafters"):
+        load_drafter(str(tmp_path / "d"), emb, head)  # usable, and says it is unfinished
+    assert "stopped at step 3" in caplog.text
 
     monkeypatch.setattr(train_module, "pack", real_pack)
     assert main(argv) == 0
