@@ -7,9 +7,9 @@
 # then run(command="bash scripts/gpu_train.sh", timeout_s=590, carry=["gpu-in"]).
 # Phase 1: the target answers the prompts on the GPU (batch 256) and its features are cached in
 # /tmp (several GB; they stay there). Phase 2: every drafter trains TRAIN_S seconds of wall clock
-# (`--minutes`: the same budget for each, the schedule annealed over it), SEQS sequences a step;
-# a drafter its safety timeout cuts short still saves the weights of the step it reached (its
-# drafter.json says stopped_at_step). Out ($OUT): each drafter's trainable weights (~14 MB each,
+# (`--minutes`: the same budget for each, the schedule annealed over it), SEQS sequences a step,
+# DSpark's head at rank RANK; a drafter its safety timeout cuts short still saves the weights of
+# the step it reached (its drafter.json says stopped_at_step). Out ($OUT): each drafter's trainable weights (~14 MB each,
 # no checkpoint), logs, and times.txt with the seconds of each phase, to compare with the CPU's
 # (see README: ~2.5-3.7 s a step on one CPU thread).
 set -uo pipefail
@@ -19,6 +19,7 @@ DATA=/tmp/dspark-data
 RUNS=/tmp/dspark-drafters
 TRAIN_S=${TRAIN_S:-50}
 SEQS=${SEQS:-32}
+RANK=${RANK:-256}  # DSpark's head rank (the paper's; +2% τ on the CPU, +6.3 MB of weights)
 mkdir -p "$OUT/drafters"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 t0=$(date +%s)
@@ -30,7 +31,7 @@ for spec in dspark:dspark:markov dspark-rnn:dspark:rnn dflash:dflash: eagle3:eag
   t=$(date +%s)
   timeout $((TRAIN_S + 25)) python -m server.cli train drafter --data "$DATA" \
     --out "$RUNS/$name" --method "$method" ${head:+--head "$head"} --lr 1e-3 \
-    --minutes "$(awk "BEGIN {print $TRAIN_S / 60}")" --seqs-per-step "$SEQS" \
+    --minutes "$(awk "BEGIN {print $TRAIN_S / 60}")" --seqs-per-step "$SEQS" --head-rank "$RANK" \
     > "$OUT/train-$name.txt" 2>&1
   echo "$name rc=$? $(( $(date +%s) - t )) s" >> "$OUT/times.txt"
   mkdir -p "$OUT/drafters/$name"
