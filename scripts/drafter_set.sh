@@ -8,7 +8,8 @@
 # RANK (DSpark's head rank, 256). Drafters land in runs/drafters/$SET-NAME, logs in
 # runs/log-$SET-NAME.txt, reports in runs/eval/. Shipping is a decision, not a phase: copy
 # weights.safetensors and drafter.json (and DSpark's calibrations) into drafters/weights/NAME
-# only when every drafter's table row is better than the shipped one.
+# only when every drafter's table row is better than the shipped one. Run it inside the
+# project's virtual environment (`dspark` and `python` on the PATH).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SET=${SET:-next} DATA=${DATA:-runs/data-mix} STEPS=${STEPS:-1400} RANK=${RANK:-256}
