@@ -37,7 +37,8 @@ case ${1:-} in
     wait ;;
   proxy)
     for n in "${NAMES[@]}"; do
-      dspark eval --data runs/data-evalset --drafter "runs/drafters/$SET-$n" --num-threads 1 | tail -n 1
+      dspark eval --data runs/data-evalset --drafter "runs/drafters/$SET-$n" --num-threads 1 \
+        | tail -n 1
     done ;;
   eval)
     for t in 0 1; do
