@@ -12,7 +12,6 @@ says `stopped_at_step`), so nothing is lost.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import signal
@@ -273,7 +272,3 @@ def _resume(path: Path, model, opt, rng: random.Random, tc: TrainConfig) -> tupl
     rng.setstate(state["rng"])
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"]), float(state.get("elapsed", 0.0))
-
-
-def describe(tc: TrainConfig) -> str:
-    return json.dumps(asdict(tc))

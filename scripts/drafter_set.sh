@@ -20,11 +20,8 @@ mkdir -p runs/eval
 
 train_one() {  # name: a finished drafter (weights without a stop mark) is left alone
   local out=runs/drafters/$SET-$1
-  python - "$out" <<'PY' 2>/dev/null && return
-import json, sys
-summary = json.load(open(f"{sys.argv[1]}/drafter.json"))["summary"]
-sys.exit(0 if "stopped_at_step" not in summary else 1)
-PY
+  python -c "import sys, pathlib; from drafters.registry import read_drafter_config as read
+sys.exit('stopped_at_step' in read(pathlib.Path(sys.argv[1]))[1])" "$out" 2>/dev/null && return
   # shellcheck disable=SC2086  # METHOD holds "method [--head h]"
   dspark train drafter --data "$DATA" --out "$out" --method ${METHOD[$1]} --head-rank "$RANK" \
     --steps "$STEPS" --lr 1e-3 --num-threads 1 >> "runs/log-$SET-$1.txt" 2>&1
