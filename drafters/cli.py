@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from drafters.config import METHODS
+from drafters.config import METHODS, PRECISIONS
 
 SHIPPED_HELP = "a shipped drafter (dspark, dspark-rnn, dflash, eagle3, mtp1) or a drafter directory"
 
@@ -55,6 +55,8 @@ def add_commands(sub) -> None:
                         "every checkpoint and saved with the drafter")
     t.add_argument("--model", default="", help="target checkpoint (default: the embedded model)")
     t.add_argument("--device", default="auto")
+    t.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="bf16: the forward under bfloat16 autocast (weights and loss float32)")
     t.add_argument("--num-threads", type=int, default=0)
     e = sub.add_parser("eval", help="acceptance length of drafters per domain", formatter_class=fmt)
     e.add_argument("--drafter", action="append", required=True, help=SHIPPED_HELP + "; repeatable")
@@ -138,7 +140,7 @@ def _train_drafter(args) -> int:
                       draft_vocab=args.draft_vocab, steps=args.steps, minutes=args.minutes,
                       seqs_per_step=args.seqs_per_step, anchors_per_seq=args.anchors_per_seq,
                       lr=args.lr, kl=args.kl, holdout=args.holdout, model=args.model,
-                      device=args.device)
+                      device=args.device, precision=args.precision)
     try:
         print(f"drafter saved in {train(cfg)}")
     except TrainingStopped as stopped:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 METHODS = ("dspark", "dflash", "eagle3", "mtp1")
+PRECISIONS = ("fp32", "bf16")  # training: float32, or the forward under bfloat16 autocast
 HEADS = ("markov", "rnn", "none")
 
 

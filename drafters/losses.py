@@ -68,7 +68,7 @@ def drafter_loss(logits: torch.Tensor, conf_logits: torch.Tensor | None, batch: 
         terms["l1"] = _mean(l1, w)
         if conf_logits is not None:
             soft = (1 - 0.5 * l1).detach().clamp(0, 1)
-            bce = F.binary_cross_entropy_with_logits(conf_logits, soft, reduction="none")
+            bce = F.binary_cross_entropy_with_logits(conf_logits.float(), soft, reduction="none")
             terms["bce"] = _mean(bce, w)
     loss = sum(getattr(weights, k) * v for k, v in terms.items())
     return loss, {k: float(v.detach()) for k, v in terms.items()}

@@ -8,8 +8,8 @@
 # Phase 1: the target answers the prompts on the GPU (batch 256) and its features are cached in
 # /tmp (several GB; they stay there). Phase 2: every drafter trains TRAIN_S seconds of wall clock
 # (`--minutes`: the same budget for each, the schedule annealed over it), SEQS sequences a step,
-# DSpark's head at rank RANK; a drafter its safety timeout cuts short still saves the weights of
-# the step it reached (its drafter.json says stopped_at_step). Out ($OUT): each drafter's
+# DSpark's head at rank RANK, the forward in PRECISION; a drafter its safety timeout cuts short
+# still saves the weights of the step it reached (its drafter.json says stopped_at_step). Out ($OUT): each drafter's
 # trainable weights (~14 MB each, no checkpoint), logs, and times.txt with the seconds of each
 # phase, to compare with the CPU's (see README: ~2.5-3.7 s a step on one CPU thread).
 set -uo pipefail
@@ -20,6 +20,7 @@ RUNS=/tmp/dspark-drafters
 TRAIN_S=${TRAIN_S:-50}
 SEQS=${SEQS:-32}
 RANK=${RANK:-256}  # DSpark's head rank (the paper's; +2% τ on the CPU, +6.3 MB of weights)
+PRECISION=${PRECISION:-bf16}  # the forward under bfloat16 autocast (weights and loss float32)
 mkdir -p "$OUT/drafters"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 t0=$(date +%s)
@@ -32,7 +33,7 @@ for spec in dspark:dspark:markov dspark-rnn:dspark:rnn dflash:dflash: eagle3:eag
   timeout $((TRAIN_S + 25)) python -m server.cli train drafter --data "$DATA" \
     --out "$RUNS/$name" --method "$method" ${head:+--head "$head"} --lr 1e-3 \
     --minutes "$(awk "BEGIN {print $TRAIN_S / 60}")" --seqs-per-step "$SEQS" --head-rank "$RANK" \
-    > "$OUT/train-$name.txt" 2>&1
+    --precision "$PRECISION" > "$OUT/train-$name.txt" 2>&1
   echo "$name rc=$? $(( $(date +%s) - t )) s" >> "$OUT/times.txt"
   mkdir -p "$OUT/drafters/$name"
   find "$RUNS/$name" -maxdepth 1 -type f ! -name checkpoint.pt -exec cp {} "$OUT/drafters/$name/" \;
