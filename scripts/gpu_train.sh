@@ -9,9 +9,10 @@
 # /tmp (several GB; they stay there). Phase 2: every drafter trains TRAIN_S seconds of wall clock
 # (`--minutes`: the same budget for each, the schedule annealed over it), SEQS sequences a step,
 # DSpark's head at rank RANK, the forward in PRECISION; a drafter its safety timeout cuts short
-# still saves the weights of the step it reached (its drafter.json says stopped_at_step). Out ($OUT): each drafter's
-# trainable weights (~14 MB each, no checkpoint), logs, and times.txt with the seconds of each
-# phase, to compare with the CPU's (see README: ~2.5-3.7 s a step on one CPU thread).
+# still saves the weights of the step it reached (its drafter.json says stopped_at_step).
+# Out ($OUT): each drafter's trainable weights (~14 MB each, no checkpoint), logs, and times.txt
+# with the seconds of each phase, to compare with the CPU's (see README: ~2.5-3.7 s a step on
+# one CPU thread).
 set -uo pipefail
 export PYTHONPATH=.:gpu-in PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-out}
