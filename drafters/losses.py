@@ -14,6 +14,7 @@ DSpark: ce 0.1, l1 0.9, bce 1.0. DFlash, Eagle3 and MTP-1: cross-entropy only.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -46,25 +47,58 @@ def target_log_probs(vocab: SharedVocab, final: torch.Tensor, lse: torch.Tensor)
     return vocab.logits(final) - lse[..., None]
 
 
+def distribution_terms(logits: torch.Tensor, log_pt: torch.Tensor | None,
+                       label: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """logits: [N, g, Vd], log_pt: [N, g, Vd] or None, label: [N, g] in [0, Vd) ->
+    nll [N, g], and where log_pt is given KL(p_t || p_d) [N, g] and ||p_d - p_t||_1 [N, g]."""
+    log_pd = torch.log_softmax(logits.float(), dim=-1)  # [N, g, Vd]
+    nll = -log_pd.gather(-1, label[..., None]).squeeze(-1)
+    if log_pt is None:
+        return (nll,)
+    p_t = log_pt.exp()
+    kl = (p_t * (log_pt - log_pd)).sum(-1)
+    outside = (1 - p_t.sum(-1)).clamp_min(0)  # target mass outside S
+    return nll, kl, (log_pd.exp() - p_t).abs().sum(-1) + outside
+
+
+@functools.cache
+def fused_distribution_terms():
+    """distribution_terms compiled (torch.compile, shapes dynamic): one fused pass over the
+    [N, g, Vd] tensors instead of a dozen, ~3x faster on a CPU; compiling takes ~25 s once."""
+    return torch.compile(distribution_terms, dynamic=True)
+
+
+def fusion_works() -> bool:
+    """Can this machine compile the fused terms (a C++ compiler on a CPU, Triton on a GPU)?"""
+    try:
+        x = torch.zeros(2, 2, 3, requires_grad=True)
+        sum(fused_distribution_terms()(x, torch.full((2, 2, 3), -2.0), torch.zeros(2, 2, dtype=torch.long))
+            ).sum().backward()
+        return True
+    except Exception:  # noqa: BLE001 - any compiler failure means: stay eager
+        return False
+
+
 def drafter_loss(logits: torch.Tensor, conf_logits: torch.Tensor | None, batch: PackedBatch,
-                 vocab: SharedVocab, weights: LossWeights) -> tuple[torch.Tensor, dict[str, float]]:
-    """logits: [N, g, Vd], conf_logits: [N, g] or None -> (loss, per-term floats)."""
+                 vocab: SharedVocab, weights: LossWeights,
+                 fused: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """logits: [N, g, Vd], conf_logits: [N, g] or None -> (loss, per-term floats). fused: the
+    per-token terms through fused_distribution_terms (same values)."""
     gamma = logits.shape[1]
     w = position_weights(gamma, weights.decay).to(logits.device)[None] * batch.valid  # [N, g]
-    log_pd = torch.log_softmax(logits.float(), dim=-1)  # [N, g, Vd]
-    terms: dict[str, torch.Tensor] = {}
     label = vocab.to_draft[batch.labels]  # [N, g]; Vd = outside the draft vocabulary
     in_vocab = label < vocab.size
-    nll = -log_pd.gather(-1, label.clamp(max=vocab.size - 1)[..., None]).squeeze(-1)
-    terms["ce"] = _mean(nll, w * in_vocab)
+    log_pt = None
     if weights.l1 or weights.bce or weights.kl:
         with torch.no_grad():
             log_pt = target_log_probs(vocab, batch.target_final, batch.target_lse)
-            p_t = log_pt.exp()
+    terms_of = fused_distribution_terms() if fused else distribution_terms
+    per_token = terms_of(logits, log_pt, label.clamp(max=vocab.size - 1))
+    terms: dict[str, torch.Tensor] = {"ce": _mean(per_token[0], w * in_vocab)}
+    if log_pt is not None:
+        _, kl, l1 = per_token
         if weights.kl:
-            terms["kl"] = _mean((p_t * (log_pt - log_pd)).sum(-1), w)
-        outside = (1 - p_t.sum(-1)).clamp_min(0)  # [N, g] target mass outside S
-        l1 = (log_pd.exp() - p_t).abs().sum(-1) + outside  # [N, g]
+            terms["kl"] = _mean(kl, w)
         terms["l1"] = _mean(l1, w)
         if conf_logits is not None:
             soft = (1 - 0.5 * l1).detach().clamp(0, 1)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from drafters.base import Drafter
 from drafters.config import PRECISIONS, DrafterConfig
 from drafters.data import load_training_data
-from drafters.losses import CE_LOSS, DSPARK_LOSS, drafter_loss
+from drafters.losses import CE_LOSS, DSPARK_LOSS, drafter_loss, fusion_works
 from drafters.packing import pack
 from drafters.registry import build_drafter, save_drafter
 from drafters.validate import greedy_acceptance, split_holdout
@@ -61,6 +61,7 @@ class TrainConfig:
     model: str = ""  # the target ("" = the embedded default); embedding and LM head come from it
     device: str = "auto"
     precision: str = "fp32"  # "bf16": the drafter's forward under bfloat16 autocast; loss in fp32
+    fuse_loss: bool = False  # the loss's per-token terms compiled into one pass (losses.py)
 
     def __post_init__(self) -> None:
         if min(self.steps, self.seqs_per_step, self.anchors_per_seq, self.block_size,
@@ -160,13 +161,16 @@ def train(tc: TrainConfig, progress: bool = True) -> Path:
     weights = replace(DSPARK_LOSS, kl=tc.kl) if tc.method == "dspark" else CE_LOSS
     bar = tqdm(total=None if tc.minutes else tc.steps, initial=step, desc=f"train {tc.method}",
                disable=not progress)
+    fused = tc.fuse_loss and fusion_works()
+    if tc.fuse_loss and not fused:
+        print("dspark: warning: torch.compile fails on this machine; the loss stays unfused")
     budget, history, validation, saved = _Budget(tc, elapsed), [], None, step
     with stop_on_signals() as stop:
         while not budget.done(step) and not stop.requested:
             batch = pack(rng.sample(sequences, min(len(sequences), tc.seqs_per_step)),
                          drafter.gamma, tc.anchors_per_seq, rng).to(device)
             terms = _step(model, opt, batch, weights, tc.lr * budget.factor(step), tc.clip,
-                          tc.precision)
+                          tc.precision, fused)
             step += 1
             history.append(terms)
             bar.update(1)
@@ -200,14 +204,15 @@ def train(tc: TrainConfig, progress: bool = True) -> Path:
     return out
 
 
-def _step(model, opt, batch, weights, lr: float, clip: float, precision: str = "fp32") -> dict:
+def _step(model, opt, batch, weights, lr: float, clip: float, precision: str = "fp32",
+          fused: bool = False) -> dict:
     """One optimiser step at learning rate lr on a packed batch -> the loss terms. bf16: the
     forward's matrix products run in bfloat16 (autocast; 2.4x float32's speed on a CPU with
     AVX512-BF16), while weights, optimiser state, the target's distribution and the loss
     stay float32."""
     with torch.autocast(batch.features.device.type, torch.bfloat16, enabled=precision == "bf16"):
         logits, conf = model.train_forward(batch)
-    loss, terms = drafter_loss(logits, conf, batch, model.vocab, weights)
+    loss, terms = drafter_loss(logits, conf, batch, model.vocab, weights, fused)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -249,7 +254,8 @@ def _average(history: list[dict]) -> dict:
     return {k: round(sum(h[k] for h in history) / len(history), 4) for k in keys}
 
 
-RESUMABLE_CHANGES = ("out_dir", "checkpoint_every", "device")  # may differ from the checkpoint's
+# may differ from the checkpoint's: where, and how fast, not what is trained
+RESUMABLE_CHANGES = ("out_dir", "checkpoint_every", "device", "precision", "fuse_loss")
 
 
 def _checkpoint(path: Path, model, opt, rng: random.Random, step: int, elapsed: float,

@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # The CPU cycle that replaces the shipped drafter set, one phase per call (each resumable):
+#   scripts/drafter_set.sh data       the target answers the training prompts (DATA) and the 90
+#                                     evaluation prompts (runs/data-evalset, for `proxy`)
 #   scripts/drafter_set.sh train      five drafters at one budget, two lanes of one thread each
 #   scripts/drafter_set.sh proxy      teacher-forced greedy τ on the eval-set answers (~25 s each)
 #   scripts/drafter_set.sh eval       dspark eval at T = 0 and 1 for all five, and the README table
 #   scripts/drafter_set.sh calibrate  DSpark's two calibrations (temperature 1, then greedy)
-# Settings (environment): SET (name prefix, default "next"), DATA (runs/data-mix), STEPS (1400),
-# RANK (DSpark's head rank, 256). Drafters land in runs/drafters/$SET-NAME, logs in
-# runs/log-$SET-NAME.txt, reports in runs/eval/. Shipping is a decision, not a phase: copy
-# weights.safetensors and drafter.json (and DSpark's calibrations) into drafters/weights/NAME
-# only when every drafter's table row is better than the shipped one. Run it inside the
-# project's virtual environment (`dspark` and `python` on the PATH).
+# Settings (environment): SET (name prefix, default "next"), DATA (runs/data-ps2), STEPS (1400),
+# RANK (DSpark's head rank, 256), PROMPTS (training prompts per domain for `data`, 256),
+# PRECISION (bf16) and FUSE (--fuse-loss; empty to leave it off). Drafters land in
+# runs/drafters/$SET-NAME, logs in runs/log-$SET-NAME.txt, reports in runs/eval/. Shipping is a
+# decision, not a phase: copy weights.safetensors and drafter.json (and DSpark's calibrations)
+# into drafters/weights/NAME only when every drafter's table row is better than the shipped one.
+# Run it inside the project's virtual environment (`dspark` and `python` on the PATH).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-SET=${SET:-next} DATA=${DATA:-runs/data-mix} STEPS=${STEPS:-1400} RANK=${RANK:-256}
+SET=${SET:-next} DATA=${DATA:-runs/data-ps2} STEPS=${STEPS:-1400} RANK=${RANK:-256}
+PROMPTS=${PROMPTS:-256} PRECISION=${PRECISION:-bf16} FUSE=${FUSE---fuse-loss}
 NAMES=(dspark dspark-rnn dflash eagle3 mtp1)
 declare -A METHOD=([dspark]="dspark --head markov" [dspark-rnn]="dspark --head rnn"
                    [dflash]=dflash [eagle3]=eagle3 [mtp1]=mtp1)
@@ -22,12 +26,20 @@ train_one() {  # name: a finished drafter (weights without a stop mark) is left 
   local out=runs/drafters/$SET-$1
   python -c "import sys, pathlib; from drafters.registry import read_drafter_config as read
 sys.exit('stopped_at_step' in read(pathlib.Path(sys.argv[1]))[1])" "$out" 2>/dev/null && return
-  # shellcheck disable=SC2086  # METHOD holds "method [--head h]"
+  # shellcheck disable=SC2086  # METHOD holds "method [--head h]", FUSE a flag or nothing
   dspark train drafter --data "$DATA" --out "$out" --method ${METHOD[$1]} --head-rank "$RANK" \
-    --steps "$STEPS" --lr 1e-3 --num-threads 1 >> "runs/log-$SET-$1.txt" 2>&1
+    --steps "$STEPS" --lr 1e-3 --precision "$PRECISION" $FUSE --num-threads 1 \
+    >> "runs/log-$SET-$1.txt" 2>&1
 }
 
 case ${1:-} in
+  data)  # the evaluation prompts twice each: the even copy is answered greedily
+    python -c "import json; from drafters.prompts import eval_prompts
+print(''.join(2 * (json.dumps({'domain': p['domain'], 'prompt': p['prompt']}) + '\n')
+              for p in eval_prompts(30)), end='')" > runs/evalset-prompts.jsonl
+    dspark train data --prompts runs/evalset-prompts.jsonl --out runs/data-evalset \
+      --max-new-tokens 128 --num-threads 2 &&
+    dspark train data --per-domain "$PROMPTS" --out "$DATA" --num-threads 2 ;;
   train)
     (train_one dspark; train_one dflash; train_one mtp1) &
     (train_one eagle3; train_one dspark-rnn) &
@@ -55,6 +67,6 @@ case ${1:-} in
       --batch 20 --rounds-out "runs/calib-rounds-greedy-$SET.npz" \
       --json "runs/calib-greedy-$SET.json" --num-threads 2 ;;
   *)
-    echo "usage: scripts/drafter_set.sh train|proxy|eval|calibrate" >&2
+    echo "usage: scripts/drafter_set.sh data|train|proxy|eval|calibrate" >&2
     exit 2 ;;
 esac

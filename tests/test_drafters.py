@@ -99,9 +99,10 @@ def test_training_path_equals_cached_inference(method: str, head: str, packed: b
             torch.testing.assert_close(out.confidences[0][valid], torch.sigmoid(conf[b])[valid],
                                        rtol=1e-5, atol=1e-6)
         # the full distributions too, at temperature 1
+        # (packed GEMMs sum in another order: softmax shows it at ~2e-5 relative on some CPUs)
         out1 = drafter.propose([rid], seq.tokens[a:a + 1], torch.ones(1), forced=batch.labels[b:b + 1])
         torch.testing.assert_close(out1.probs[0][valid], torch.softmax(logits[b], -1)[valid],
-                                   rtol=1e-5, atol=1e-6)
+                                   rtol=1e-4 if packed else 1e-5, atol=1e-5 if packed else 1e-6)
         drafter.remove(rid)
 
 
@@ -280,6 +281,33 @@ def test_a_bf16_step_follows_the_fp32_step(method: str, head: str) -> None:
         torch.testing.assert_close(p, p32[name], rtol=0.03, atol=0.01)
         moved += int(not torch.equal(p, p32[name]))
     assert moved > 0  # the forward really ran in bf16
+
+
+def test_the_fused_loss_equals_the_eager_loss() -> None:
+    """--fuse-loss: the compiled per-token terms give the eager loss and its gradient."""
+    from drafters.losses import fusion_works
+
+    if not fusion_works():
+        pytest.skip("torch.compile does not work on this machine")
+    emb, head, ids = tiny_target()
+    vocab = SharedVocab(emb, head, ids)
+    batch = pack([tiny_sequence(0, 14, 3, 5), tiny_sequence(1, 9, 2, 6)], 3, anchors_per_seq=3,
+                 rng=random.Random(1))
+    batch.target_lse = torch.logsumexp(batch.target_final @ head.T, -1)
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(batch.num_blocks, 3, vocab.size, generator=g)
+    conf = torch.randn(batch.num_blocks, 3, generator=g)
+    for weights in (replace(DSPARK_LOSS, kl=1.0), CE_LOSS):
+        results = []
+        for fused in (False, True):
+            x = logits.clone().requires_grad_()
+            loss, terms = drafter_loss(x, conf if weights.bce else None, batch, vocab, weights,
+                                       fused)
+            loss.backward()
+            results.append((float(loss), terms, x.grad))
+        (l0, t0, g0), (l1, t1, g1) = results
+        assert l1 == pytest.approx(l0, rel=1e-5) and t1 == pytest.approx(t0, rel=1e-5)
+        torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-7)
 
 
 def test_packing_respects_supervision_and_sequence_ends() -> None:
