@@ -6,6 +6,7 @@ Used directly by tests and by the engine process loop (engine/process.py).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
@@ -55,6 +56,16 @@ def throughput_curve(core: EngineCore, drafter):
                       if s <= core.config.max_num_batched_tokens)
     profile = ProfileConfig(sizes=sizes, gamma=drafter.gamma, repeats=3,
                             capture_layers=tuple(drafter.config.feature_layers))
+    # only the sizes whose requests (context + anchor + γ drafts each) the KV pool holds; the
+    # curve models larger forwards as several passes of its largest size
+    per_request = blocks_for(profile.context + 1 + profile.gamma, core.pool.block_size)
+    fits = tuple(s for s in sizes if len(profile.requests_for(s)) * per_request
+                 <= core.pool.num_blocks)
+    if not fits:
+        raise ValueError(f"the KV cache ({core.pool.num_blocks} blocks of {core.pool.block_size} "
+                         f"tokens) cannot hold one request of {profile.context} tokens to "
+                         "profile the throughput curve; raise --kv-cache-tokens")
+    profile = replace(profile, sizes=fits)
     return load_or_profile(core, profile, default_cache_dir(), progress=False)
 
 

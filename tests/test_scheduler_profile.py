@@ -79,6 +79,27 @@ def test_load_or_profile_uses_the_cache(core, tmp_path):
     assert len(list(tmp_path.glob("*.json"))) == 1
 
 
+def test_the_server_profiles_only_the_sizes_its_kv_cache_holds(tiny_llama_dir, tmp_path,
+                                                                 monkeypatch):
+    """A small --kv-cache-tokens: the start-up curve stops at the largest forward whose requests
+    (128 context tokens + anchor + γ drafts each) fit, instead of failing the start; a cache
+    too small for one request is a clear error."""
+    import engine.core as engine_core
+    import engine.profile as engine_profile
+
+    monkeypatch.setattr(engine_profile, "default_cache_dir", lambda: tmp_path)
+    small = EngineCore.from_config(EngineConfig(model=str(tiny_llama_dir), dtype="float32",
+                                                kv_cache_tokens=2048, max_model_len=256))
+    drafter = drafter_for(small, "dspark", "markov")  # γ = 5: 134 tokens, 9 blocks a request
+    curve = engine_core.throughput_curve(small, drafter)  # 128 blocks: 14 requests
+    assert curve.sizes == (1, 2, 4, 8, 16, 32, 64)  # 128 would need 22 requests
+    assert small.pool.num_free == small.pool.num_blocks
+    tiny = EngineCore.from_config(EngineConfig(model=str(tiny_llama_dir), dtype="float32",
+                                               kv_cache_tokens=128, max_model_len=128))
+    with pytest.raises(ValueError, match="cannot hold one request of 128 tokens"):
+        engine_core.throughput_curve(tiny, drafter)
+
+
 def test_recording_drafter_matches_the_loop_statistics(core):
     drafter = drafter_for(core, "dspark", "markov")
     recorder = RecordingDrafter(drafter)
