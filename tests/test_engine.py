@@ -297,18 +297,28 @@ def test_bf16_cpu_paths_track_float32_as_closely_as_transformers_bf16(tiny_llama
     """bf16 on a CPU: one-token steps multiply bf16 weights; multi-token steps go through packed
     float32 GEMMs with float32 activations where bf16 is emulated. bf16 greedy drifts from
     float32 greedy (rounded weights); ours must drift no more than transformers' own bf16 does,
-    batched and one by one, and every block comes back."""
+    batched and one by one, and every block comes back. On a tiny random model near-ties make
+    single divergences a coin toss (one prompt set of 22 measured 209 against 239 on a CPU with
+    native bf16, and 244 batched), so the tokens are summed over four prompt sets."""
     core = make_core(tiny_llama_dir, dtype="bfloat16")
     assert core.runner.dtype == torch.bfloat16
     emulated = core.runner.kv_dtype == torch.float32  # CPUs without native bf16
     assert (core.runner.model.float32_min_rows > 0) == emulated
+    f32 = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
-    theirs = [hf.generate(torch.tensor([p]), max_new_tokens=GREEDY.max_tokens, do_sample=False,
-                          eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    batched = core.generate(prompts, GREEDY)
-    alone = [core.generate([p], GREEDY)[0] for p in prompts]
-    hf_agree = sum(map(common_prefix, theirs, hf_greedy))
-    for ours in (batched, alone):
-        agree = sum(map(common_prefix, ours, hf_greedy))
-        assert agree >= 0.9 * hf_agree, f"{agree} tokens follow float32 vs transformers' {hf_agree}"
+
+    def generate(model, p: list[int]) -> list[int]:
+        return model.generate(torch.tensor([p]), max_new_tokens=GREEDY.max_tokens, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+
+    hf_agree, agree = 0, {"batched": 0, "alone": 0}
+    for seed in range(4):
+        these = prompts if seed == 0 else prompts_of(LENGTHS, seed=seed)
+        ref = hf_greedy if seed == 0 else [generate(f32, p) for p in these]
+        hf_agree += sum(common_prefix(generate(hf, p), r) for p, r in zip(these, ref))
+        agree["batched"] += sum(map(common_prefix, core.generate(these, GREEDY), ref))
+        agree["alone"] += sum(common_prefix(core.generate([p], GREEDY)[0], r)
+                              for p, r in zip(these, ref))
+    for path, n in agree.items():
+        assert n >= 0.9 * hf_agree, f"{path}: {n} tokens follow float32 vs transformers' {hf_agree}"
     assert core.pool.num_free == core.pool.num_blocks
