@@ -72,8 +72,8 @@ def fusion_works() -> bool:
     """Can this machine compile the fused terms (a C++ compiler on a CPU, Triton on a GPU)?"""
     try:
         x = torch.zeros(2, 2, 3, requires_grad=True)
-        sum(fused_distribution_terms()(x, torch.full((2, 2, 3), -2.0), torch.zeros(2, 2, dtype=torch.long))
-            ).sum().backward()
+        label = torch.zeros(2, 2, dtype=torch.long)
+        sum(fused_distribution_terms()(x, torch.full((2, 2, 3), -2.0), label)).sum().backward()
         return True
     except Exception:  # noqa: BLE001 - any compiler failure means: stay eager
         return False
