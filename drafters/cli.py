@@ -56,7 +56,8 @@ def add_commands(sub) -> None:
     t.add_argument("--model", default="", help="target checkpoint (default: the embedded model)")
     t.add_argument("--device", default="auto")
     t.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="bf16: the forward under bfloat16 autocast (weights and loss float32)")
+                   help="bf16: the forward under bfloat16 autocast (weights and loss float32); "
+                        "auto: bf16 where the device has it natively (GPUs, AVX512-BF16/AMX)")
     t.add_argument("--fuse-loss", action="store_true",
                    help="compile the loss's per-token terms into one pass (torch.compile; ~25 s "
                         "to compile, then faster steps)")

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 METHODS = ("dspark", "dflash", "eagle3", "mtp1")
-PRECISIONS = ("fp32", "bf16")  # training: float32, or the forward under bfloat16 autocast
+# training: float32, the forward under bfloat16 autocast, or bf16 where the device has it natively
+PRECISIONS = ("fp32", "bf16", "auto")
 HEADS = ("markov", "rnn", "none")
 
 

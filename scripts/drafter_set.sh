@@ -8,15 +8,16 @@
 #   scripts/drafter_set.sh calibrate  DSpark's two calibrations (temperature 1, then greedy)
 # Settings (environment): SET (name prefix, default "next"), DATA (runs/data-ps2), STEPS (1400),
 # RANK (DSpark's head rank, 256), PROMPTS (training prompts per domain for `data`, 256),
-# PRECISION (bf16) and FUSE (--fuse-loss; empty to leave it off). Drafters land in
-# runs/drafters/$SET-NAME, logs in runs/log-$SET-NAME.txt, reports in runs/eval/. Shipping is a
-# decision, not a phase: copy weights.safetensors and drafter.json (and DSpark's calibrations)
-# into drafters/weights/NAME only when every drafter's table row is better than the shipped one.
+# PRECISION (auto: bf16 where native) and FUSE (--fuse-loss; empty to leave it off). Drafters
+# land in runs/drafters/$SET-NAME, logs in runs/log-$SET-NAME.txt, reports in runs/eval/.
+# Shipping is a decision, not a phase: copy weights.safetensors and drafter.json (and DSpark's
+# calibrations) into drafters/weights/NAME only when every drafter's table row is better than
+# the shipped one.
 # Run it inside the project's virtual environment (`dspark` and `python` on the PATH).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SET=${SET:-next} DATA=${DATA:-runs/data-ps2} STEPS=${STEPS:-1400} RANK=${RANK:-256}
-PROMPTS=${PROMPTS:-256} PRECISION=${PRECISION:-bf16} FUSE=${FUSE---fuse-loss}
+PROMPTS=${PROMPTS:-256} PRECISION=${PRECISION:-auto} FUSE=${FUSE---fuse-loss}
 NAMES=(dspark dspark-rnn dflash eagle3 mtp1)
 declare -A METHOD=([dspark]="dspark --head markov" [dspark-rnn]="dspark --head rnn"
                    [dflash]=dflash [eagle3]=eagle3 [mtp1]=mtp1)

@@ -21,7 +21,7 @@ RUNS=/tmp/dspark-drafters
 TRAIN_S=${TRAIN_S:-50}
 SEQS=${SEQS:-32}
 RANK=${RANK:-256}  # DSpark's head rank (the paper's; +2% τ on the CPU, +6.3 MB of weights)
-PRECISION=${PRECISION:-bf16}  # the forward under bfloat16 autocast (weights and loss float32)
+PRECISION=${PRECISION:-auto}  # bf16 autocast where native (weights and loss float32)
 mkdir -p "$OUT/drafters"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 t0=$(date +%s)
