@@ -68,12 +68,13 @@ def fused_distribution_terms():
     return torch.compile(distribution_terms, dynamic=True)
 
 
-def fusion_works() -> bool:
-    """Can this machine compile the fused terms (a C++ compiler on a CPU, Triton on a GPU)?"""
+def fusion_works(device: torch.device | str = "cpu") -> bool:
+    """Can the fused terms compile for `device` (a C++ compiler for a CPU, Triton for a GPU)?"""
     try:
-        x = torch.zeros(2, 2, 3, requires_grad=True)
-        label = torch.zeros(2, 2, dtype=torch.long)
-        sum(fused_distribution_terms()(x, torch.full((2, 2, 3), -2.0), label)).sum().backward()
+        x = torch.zeros(2, 2, 3, device=device, requires_grad=True)
+        label = torch.zeros(2, 2, dtype=torch.long, device=device)
+        log_pt = torch.full((2, 2, 3), -2.0, device=device)
+        sum(fused_distribution_terms()(x, log_pt, label)).sum().backward()
         return True
     except Exception:  # noqa: BLE001 - any compiler failure means: stay eager
         return False

@@ -173,7 +173,7 @@ def train(tc: TrainConfig, progress: bool = True) -> Path:
     bar = tqdm(total=None if tc.minutes else tc.steps, initial=step, desc=f"train {tc.method}",
                disable=not progress)
     precision = resolve_precision(tc.precision, device)
-    fused = tc.fuse_loss and fusion_works()
+    fused = tc.fuse_loss and fusion_works(device)
     if tc.fuse_loss and not fused:
         print("dspark: warning: torch.compile fails on this machine; the loss stays unfused")
     budget, history, validation, saved = _Budget(tc, elapsed), [], None, step
