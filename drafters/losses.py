@@ -68,12 +68,16 @@ def fused_distribution_terms():
     return torch.compile(distribution_terms, dynamic=True)
 
 
-def fusion_works(device: torch.device | str = "cpu") -> bool:
-    """Can the fused terms compile for `device` (a C++ compiler for a CPU, Triton for a GPU)?"""
+def fusion_works(device: torch.device | str = "cpu", vocab: int = 7,
+                 weights: LossWeights = DSPARK_LOSS, dtype: torch.dtype = torch.float32) -> bool:
+    """Can the fused terms compile for `device` (a C++ compiler for a CPU, Triton for a GPU)?
+    The probe has the training's draft vocabulary, loss and logits dtype, so its compiled
+    kernels are the ones the steps reuse (each of those is guarded on; the softmax, for one,
+    is specialised on vocabularies up to 4,096 and beyond)."""
     try:
-        x = torch.zeros(2, 2, 3, device=device, requires_grad=True)
-        label = torch.zeros(2, 2, dtype=torch.long, device=device)
-        log_pt = torch.full((2, 2, 3), -2.0, device=device)
+        x = torch.zeros(3, 5, vocab, device=device, dtype=dtype, requires_grad=True)
+        label = torch.zeros(3, 5, dtype=torch.long, device=device)
+        log_pt = torch.full((3, 5, vocab), -2.0, device=device) if _wants_target(weights) else None
         sum(fused_distribution_terms()(x, log_pt, label)).sum().backward()
         return True
     except Exception:  # noqa: BLE001 - any compiler failure means: stay eager
@@ -90,7 +94,7 @@ def drafter_loss(logits: torch.Tensor, conf_logits: torch.Tensor | None, batch: 
     label = vocab.to_draft[batch.labels]  # [N, g]; Vd = outside the draft vocabulary
     in_vocab = label < vocab.size
     log_pt = None
-    if weights.l1 or weights.bce or weights.kl:
+    if _wants_target(weights):
         with torch.no_grad():
             log_pt = target_log_probs(vocab, batch.target_final, batch.target_lse)
     terms_of = fused_distribution_terms() if fused else distribution_terms
@@ -107,6 +111,11 @@ def drafter_loss(logits: torch.Tensor, conf_logits: torch.Tensor | None, batch: 
             terms["bce"] = _mean(bce, w)
     loss = sum(getattr(weights, k) * v for k, v in terms.items())
     return loss, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def _wants_target(weights: LossWeights) -> bool:
+    """Does the loss compare with the target's distribution (beyond the true token)?"""
+    return bool(weights.l1 or weights.bce or weights.kl)
 
 
 def _mean(values: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import random
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -170,12 +171,14 @@ def train(tc: TrainConfig, progress: bool = True) -> Path:
     rng = random.Random(tc.seed)
     step, elapsed = _resume(out / "checkpoint.pt", model, opt, rng, tc)
     weights = replace(DSPARK_LOSS, kl=tc.kl) if tc.method == "dspark" else CE_LOSS
+    precision = resolve_precision(tc.precision, device)
+    fused = tc.fuse_loss and fusion_works(
+        device, model.vocab.size, weights, torch.bfloat16 if precision == "bf16" else torch.float32)
+    if tc.fuse_loss and not fused:
+        print("dspark: warning: torch.compile fails on this machine; the loss stays unfused",
+              file=sys.stderr)
     bar = tqdm(total=None if tc.minutes else tc.steps, initial=step, desc=f"train {tc.method}",
                disable=not progress)
-    precision = resolve_precision(tc.precision, device)
-    fused = tc.fuse_loss and fusion_works(device)
-    if tc.fuse_loss and not fused:
-        print("dspark: warning: torch.compile fails on this machine; the loss stays unfused")
     budget, history, validation, saved = _Budget(tc, elapsed), [], None, step
     with stop_on_signals() as stop:
         while not budget.done(step) and not stop.requested:

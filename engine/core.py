@@ -56,9 +56,9 @@ def throughput_curve(core: EngineCore, drafter):
                       if s <= core.config.max_num_batched_tokens)
     profile = ProfileConfig(sizes=sizes, gamma=drafter.gamma, repeats=3,
                             capture_layers=tuple(drafter.config.feature_layers))
-    # only the sizes whose requests (context + anchor + γ drafts each) the KV pool holds; the
-    # curve models larger forwards as several passes of its largest size
-    per_request = blocks_for(profile.context + 1 + profile.gamma, core.pool.block_size)
+    # only the sizes whose requests the KV pool holds; the curve models larger forwards as
+    # several passes of its largest size
+    per_request = blocks_for(profile.request_tokens, core.pool.block_size)
     fits = tuple(s for s in sizes if len(profile.requests_for(s)) * per_request
                  <= core.pool.num_blocks)
     if not fits:

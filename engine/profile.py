@@ -48,6 +48,11 @@ class ProfileConfig:
         if self.gamma < 0 or self.context < 1 or self.repeats < 1 or self.warmup < 0:
             raise ValueError("need gamma >= 0, context >= 1, repeats >= 1, warmup >= 0")
 
+    @property
+    def request_tokens(self) -> int:
+        """KV tokens each profiled request holds: its context, the anchor and γ drafts."""
+        return self.context + 1 + self.gamma
+
     def requests_for(self, size: int) -> list[int]:
         """Drafts ℓ of each request in a forward of `size` tokens: Σ (1 + ℓ) = size."""
         per = 1 + self.gamma
@@ -84,7 +89,7 @@ def _decode_requests(core, config: ProfileConfig, count: int) -> list[Request]:
     for i in range(count):
         prompt = torch.randint(0, vocab, (config.context,), generator=g).tolist()
         request = Request(f"profile-{i}", prompt, SamplingParams(temperature=0.0))
-        if not core.pool.grow(request, config.context + 1 + config.gamma):
+        if not core.pool.grow(request, config.request_tokens):
             for r in requests:
                 core.pool.release(r)
             raise ValueError(f"the KV cache cannot hold {count} requests of {config.context} "
