@@ -9,10 +9,12 @@ rewrites the same KV slots, so every timed step sees the same state. SPS(B) = 1 
 The drafter's own forward is not included (it drafts the whole block whatever ℓ is).
 On a GPU with CUDA graphs every step runs padded to its bucket (engine/cuda_graphs.py), so the
 curve is step-shaped and the sizes to profile are the buckets themselves; the cache key says
-whether graphs were on.
+whether graphs were on. A cached curve is checked by a quick probe before it is used
+(load_or_profile): one measured on a busy machine is profiled again.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import statistics
@@ -30,6 +32,14 @@ from engine.request import Request
 from scheduler.throughput import ThroughputCurve, cache_path, cached_curve, save_curve
 
 log = logging.getLogger("dspark.profile")
+
+# A cached curve is kept unless the engine now runs its smallest size this many times faster
+# than the curve says: then the curve was measured while the machine was busy (another job,
+# a benchmark beside it), and a scheduler trusting it would think every step costs
+# STALE_SPEEDUP x more than it does. One-sided: a machine busy NOW must not replace a curve
+# measured when it was quiet (the live curve, scheduler/live_curve.py, corrects for the moment).
+STALE_SPEEDUP = 1.5
+PROBE_REPEATS = 2
 
 
 @dataclass(frozen=True)
@@ -161,18 +171,34 @@ def monotone(sizes, rates: list[float], tolerance: float = 0.1) -> list[float]:
 
 def load_or_profile(core, config: ProfileConfig, cache_dir: str | Path,
                     progress: bool = True) -> ThroughputCurve:
-    """The cached curve of this model + hardware, else profile now (saying so) and cache it."""
+    """The cached curve of this model + hardware, unless a quick probe runs its smallest size
+    STALE_SPEEDUP times faster than it says; else profile now (saying so) and cache it."""
     model, hardware = model_string(core, config), hardware_string(core.runner.device, core.runner.graphs is not None)
     curve = cached_curve(cache_dir, model, hardware)
     if curve is not None:
-        log.info("throughput curve from %s", cache_path(cache_dir, model, hardware))
-        return curve
-    log.info("no cached throughput curve for %s on %s: profiling %d forward sizes",
-             model, hardware, len(config.sizes))
+        path = cache_path(cache_dir, model, hardware)
+        now = probe_sps(core, config, curve.sizes[0])
+        cached = float(curve.sps(curve.sizes[0]))
+        if now <= STALE_SPEEDUP * cached:
+            log.info("throughput curve from %s", path)
+            return curve
+        log.warning("the cached throughput curve %s says SPS(%d) = %.1f but the engine runs "
+                    "%.1f now: it was measured while the machine was busy; profiling again",
+                    path, curve.sizes[0], cached, now)
+    else:
+        log.info("no cached throughput curve for %s on %s: profiling %d forward sizes",
+                 model, hardware, len(config.sizes))
     curve = profile(core, config, progress)
     path = save_curve(curve, cache_path(cache_dir, model, hardware), _settings(config))
     log.info("throughput curve cached in %s", path)
     return curve
+
+
+def probe_sps(core, config: ProfileConfig, size: int) -> float:
+    """SPS(size) now, from PROBE_REPEATS steps after one warm-up (a fraction of a second):
+    the check a cached curve must pass before the scheduler trusts it."""
+    quick = dataclasses.replace(config, sizes=(size,), repeats=PROBE_REPEATS, warmup=1)
+    return profile(core, quick, progress=False).steps_per_second[0]
 
 
 def _settings(config: ProfileConfig) -> dict:

@@ -19,6 +19,7 @@ from engine.messages import SamplingParams
 from engine.profile import ProfileConfig, load_or_profile, profile
 from scheduler import cli as scheduler_cli
 from scheduler.calibration import load_report, load_rounds, logit
+from scheduler.throughput import load_curve, save_curve
 from tests.test_speculate import drafter_for
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -74,9 +75,30 @@ def test_load_or_profile_uses_the_cache(core, tmp_path):
     with ForwardSpy(core.runner) as spy:
         first = load_or_profile(core, config, tmp_path, progress=False)
         second = load_or_profile(core, config, tmp_path, progress=False)
-    assert spy.tokens == [1, 8]  # profiled once
+    assert spy.tokens == [1, 8] + [1] * 3  # profiled once, then a probe of SPS(1) checks it
     assert first == second
     assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_a_curve_measured_on_a_busy_machine_is_profiled_again(core, tmp_path, caplog):
+    """One-sided: a cached curve far slower than a quick probe (it was measured under load) is
+    replaced; one faster than the machine is now (busy at this moment) is kept."""
+    config = ProfileConfig(sizes=(1, 8), context=8, repeats=1, warmup=0)
+    true = load_or_profile(core, config, tmp_path, progress=False)
+    path = next(tmp_path.glob("*.json"))
+    for factor, reprofiled in ((0.2, True), (3.0, False)):
+        scaled = true.scaled([factor] * len(true.sizes))
+        save_curve(scaled, path)
+        with ForwardSpy(core.runner) as spy, caplog.at_level("WARNING", "dspark.profile"):
+            caplog.clear()
+            curve = load_or_profile(core, config, tmp_path, progress=False)
+        assert spy.tokens == [1] * 3 + ([1, 8] if reprofiled else [])
+        assert ("measured while the machine was busy" in caplog.text) == reprofiled
+        if reprofiled:
+            assert curve.sps(1) > 2 * scaled.sps(1)
+            assert load_curve(path) == curve  # the cache now holds the new one
+        else:
+            assert curve == scaled
 
 
 def test_the_server_profiles_only_the_sizes_its_kv_cache_holds(tiny_llama_dir, tmp_path,
