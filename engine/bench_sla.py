@@ -22,7 +22,7 @@ import json
 import statistics
 from dataclasses import dataclass
 
-from engine.bench_spec import bench_prompts, closed_loop
+from engine.bench_spec import bench_prompts, closed_loop, paired_ratio, rotated
 from engine.config import EngineConfig
 from engine.core import EngineCore
 
@@ -99,8 +99,7 @@ def run_methods(cfg: SlaBenchConfig, prompts: list[list[int]]) -> tuple[dict, di
         for c in cfg.levels:
             runs: dict = {name: [] for name in cfg.methods}
             for rep in range(cfg.repeats):
-                shift = rep % len(cfg.methods)
-                for name in cfg.methods[shift:] + cfg.methods[:shift]:
+                for name in rotated(cfg.methods, rep):
                     runs[name].append(run_level(cores[name], prompts, c, cfg.max_tokens))
             for name in cfg.methods:
                 rows[name][str(c)] = median_row(runs[name])
@@ -140,14 +139,6 @@ def bench_prompts_for(text, n: int, max_len: int, max_tokens: int) -> list[list[
     if not prompts:
         raise ValueError("no benchmark prompt fits the model's context")
     return prompts
-
-
-def paired_ratio(ours: list[float], base: list[float]) -> float:
-    """Median over repeats i of ours_i / base_i. Both methods' repeat i ran in the same pass of
-    the interleave, mostly back to back, so the machine's drift (single runs swing by 20% here)
-    largely cancels inside each ratio; the ratio of the two medians would compare runs from
-    different minutes."""
-    return round(statistics.median(o / b for o, b in zip(ours, base)), 3)
 
 
 def _sla_fields(cfg: SlaBenchConfig, result: dict) -> None:

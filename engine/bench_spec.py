@@ -9,6 +9,16 @@ concurrency c, c requests are in flight and a new one starts as soon as one fini
 Hugging Face transformers' prompt-lookup decoding (`prompt_lookup_num_tokens`) on the same
 weights runs the same prompts one at a time as an outside peer at concurrency 1.
 `identical`: in float32, every method's greedy outputs equal `none`'s token for token.
+
+Side by side: every method's engine (and the HF model) stays loaded, and the runs interleave,
+because this machine's speed drifts by 10-20% over minutes and a method measured minutes after
+another would carry that drift in its ratio. At concurrency 1 each prompt runs under every
+method in turn (the order rotating from prompt to prompt), `repeats` passes over the prompts;
+at concurrency 8 each pass runs the whole set under every method in turn. A ratio is paired:
+    speedup_c1 = median over (pass, prompt) of dspark's tok/s / none's on that prompt
+    speedup_c8 = median over passes of dspark's per-user median / none's in that pass
+(vs_hf_prompt_lookup_c1 and aggregate_ratio_c8 alike); each method's own figures are medians
+over all its runs (aggregate: its tokens over its seconds).
 """
 from __future__ import annotations
 
@@ -35,6 +45,11 @@ class SpecBenchConfig:
     methods: tuple[str, ...] = METHODS
     check_identical: bool = True
     drafter_dir: str = ""  # drafters in drafter_dir/<method>; "" = the shipped ones
+    repeats: int = 3  # passes over the prompts, the methods interleaved in each
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
 
 
 def bench_prompts(cfg: SpecBenchConfig, text, max_len: int = 1 << 30) -> list[list[int]]:
@@ -77,7 +92,7 @@ def closed_loop(core: EngineCore, prompts: list[list[int]], concurrency: int,
               if len(outs[i]) > 1 and last[i] > first[i]]
     if speeds_out is not None:
         speeds_out.extend(speeds)
-    return ({"per_user_tps": round(statistics.median(speeds), 2),
+    return ({"per_user_tps": round(statistics.median(speeds), 2) if speeds else 0.0,
              "aggregate_tps": round(sum(len(o) for o in outs.values()) / wall, 2)},
             [outs[i] for i in range(len(prompts))])
 
@@ -89,68 +104,138 @@ def _core(cfg: SpecBenchConfig, method: str, dtype: str) -> EngineCore:
                                                kv_cache_tokens=16384))
 
 
-def hf_prompt_lookup(cfg: SpecBenchConfig, core: EngineCore, prompts: list[list[int]]) -> dict:
-    """transformers generate with prompt-lookup decoding, one request at a time."""
-    from transformers import AutoModelForCausalLM
+HF = "hf_prompt_lookup"
 
-    from engine.weights import resolve_checkpoint
 
-    ckpt, _ = resolve_checkpoint(cfg.model)
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=core.runner.dtype).eval()
-    eos = list(core.model_cfg.eos_token_ids)
-    speeds = []
-    with torch.inference_mode():
-        for p in prompts:
-            ids = torch.tensor([p])
+class HfPromptLookup:
+    """transformers generate with prompt-lookup decoding on the engine's weights and dtype."""
+
+    def __init__(self, cfg: SpecBenchConfig, core: EngineCore) -> None:
+        from transformers import AutoModelForCausalLM
+
+        from engine.weights import resolve_checkpoint
+
+        ckpt, _ = resolve_checkpoint(cfg.model)
+        self.model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=core.runner.dtype).eval()
+        self.eos = list(core.model_cfg.eos_token_ids)
+        self.max_tokens = cfg.max_tokens
+
+    def speed(self, prompt: list[int]) -> tuple[float | None, int, float]:
+        """One prompt -> (decode tok/s, tokens, seconds): the prefill, timed apart, is left out."""
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
             t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=1, do_sample=False, eos_token_id=eos)
+            self.model.generate(ids, max_new_tokens=1, do_sample=False, eos_token_id=self.eos)
             prefill = time.perf_counter() - t0
             t0 = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=cfg.max_tokens, do_sample=False,
-                                 prompt_lookup_num_tokens=10, eos_token_id=eos)
-            n = out.shape[1] - len(p)
-            speeds.append((n - 1) / max(1e-9, time.perf_counter() - t0 - prefill))
-    return {"per_user_tps": round(statistics.median(speeds), 2)}
+            out = self.model.generate(ids, max_new_tokens=self.max_tokens, do_sample=False,
+                                      prompt_lookup_num_tokens=10, eos_token_id=self.eos)
+            seconds = time.perf_counter() - t0
+        n = out.shape[1] - len(prompt)
+        return ((n - 1) / max(1e-9, seconds - prefill) if n > 1 else None), n, seconds
+
+
+def one_request(core: EngineCore, prompt: list[int], max_tokens: int) -> tuple[float | None, int, float]:
+    """One prompt alone on the engine -> (decode tok/s or None, tokens, seconds)."""
+    speeds: list[float] = []
+    start = time.perf_counter()
+    _, outs = closed_loop(core, [prompt], 1, max_tokens, speeds)
+    return (speeds[0] if speeds else None), len(outs[0]), time.perf_counter() - start
+
+
+def rotated(names, shift: int) -> list:
+    """names in order, starting at index shift (mod len): who runs first changes each time."""
+    k = shift % len(names)
+    return list(names[k:]) + list(names[:k])
+
+
+def paired_ratio(ours: list, base: list) -> float:
+    """Median over runs i of ours_i / base_i (None entries skipped). Run i of both ran in the
+    same turn of the interleave, mostly back to back, so the machine's drift largely cancels
+    inside each ratio; the ratio of two medians would compare runs from different minutes."""
+    return round(statistics.median(o / b for o, b in zip(ours, base) if o and b), 3)
+
+
+def run_c1(cfg: SpecBenchConfig, runners: dict, prompts: list[list[int]]) -> dict:
+    """runners: name -> fn(prompt) -> (tok/s | None, tokens, seconds). Every prompt under every
+    runner in rotating order, `repeats` passes -> {name: {speeds [passes * prompts], tokens,
+    seconds}}."""
+    runs = {name: {"speeds": [], "tokens": 0, "seconds": 0.0} for name in runners}
+    for rep in range(cfg.repeats):
+        for i, prompt in enumerate(prompts):
+            for name in rotated(list(runners), rep + i):
+                speed, tokens, seconds = runners[name](prompt)
+                runs[name]["speeds"].append(speed)
+                runs[name]["tokens"] += tokens
+                runs[name]["seconds"] += seconds
+    return runs
+
+
+def run_c8(cfg: SpecBenchConfig, cores: dict, prompts: list[list[int]]) -> dict:
+    """Each pass: the whole set at concurrency 8 under every method in rotating order
+    -> {name: [{per_user_tps, aggregate_tps} per pass]}."""
+    runs: dict = {name: [] for name in cores}
+    for rep in range(cfg.repeats):
+        for name in rotated(list(cores), rep):
+            runs[name].append(closed_loop(cores[name], prompts, 8, cfg.max_tokens)[0])
+    return runs
 
 
 def bench_spec(cfg: SpecBenchConfig) -> dict:
     from server.text import TextProcessor
 
-    result: dict = {"dtype": cfg.dtype, "max_tokens": cfg.max_tokens, "methods": {}}
-    prompts = None
-    for method in cfg.methods:
-        core = _core(cfg, method, cfg.dtype)
-        if prompts is None:
-            prompts = bench_prompts(cfg, TextProcessor.from_dir(core.tokenizer_dir),
-                                    core.max_model_len)
-            result.update(model=core.model_cfg.name, prompts=len(prompts),
-                          dtype=str(core.runner.dtype).removeprefix("torch."))
-        closed_loop(core, prompts[:2], 2, 8)  # warm-up
-        row = {}
-        for c in (1, 8):
-            stats, _ = closed_loop(core, prompts, c, cfg.max_tokens)
-            row[f"c{c}"] = stats
-        spec = core.stats().spec
-        if spec.num_drafts:
-            row["mean_acceptance_length"] = round(1 + spec.num_accepted_tokens / spec.num_drafts, 3)
-        result["methods"][method] = row
-        if method == "none":
-            result["hf_prompt_lookup"] = {"c1": hf_prompt_lookup(cfg, core, prompts)}
-    _ratios(result)
+    result: dict = {"dtype": cfg.dtype, "max_tokens": cfg.max_tokens, "repeats": cfg.repeats,
+                    "methods": {}}
+    cores = {method: _core(cfg, method, cfg.dtype) for method in cfg.methods}
+    try:
+        first = next(iter(cores.values()))
+        prompts = bench_prompts(cfg, TextProcessor.from_dir(first.tokenizer_dir), first.max_model_len)
+        result.update(model=first.model_cfg.name, prompts=len(prompts),
+                      dtype=str(first.runner.dtype).removeprefix("torch."))
+        for core in cores.values():
+            closed_loop(core, prompts[:2], 2, 8)  # warm-up
+        runners = {m: (lambda p, core=core: one_request(core, p, cfg.max_tokens))
+                   for m, core in cores.items()}
+        if "none" in cores:
+            runners[HF] = HfPromptLookup(cfg, cores["none"]).speed
+        c1, c8 = run_c1(cfg, runners, prompts), run_c8(cfg, cores, prompts)
+        for method, core in cores.items():
+            row = {"c1": _c1_figures(c1[method]), "c8": _c8_figures(c8[method])}
+            spec = core.stats().spec
+            if spec.num_drafts:
+                row["mean_acceptance_length"] = round(1 + spec.num_accepted_tokens / spec.num_drafts, 3)
+            result["methods"][method] = row
+        if HF in c1:
+            result[HF] = {"c1": {"per_user_tps": _c1_figures(c1[HF])["per_user_tps"]}}
+        _ratios(result, c1, c8)
+    finally:
+        for core in cores.values():
+            core.close()
     if cfg.check_identical:
         result.update(check_identical(cfg, prompts))
     return result
 
 
-def _ratios(result: dict) -> None:
-    m = result["methods"]
-    if "dspark" in m and "none" in m:
-        result["speedup_c1"] = round(m["dspark"]["c1"]["per_user_tps"] / m["none"]["c1"]["per_user_tps"], 3)
-        result["speedup_c8"] = round(m["dspark"]["c8"]["per_user_tps"] / m["none"]["c8"]["per_user_tps"], 3)
-        result["aggregate_ratio_c8"] = round(
-            m["dspark"]["c8"]["aggregate_tps"] / m["none"]["c8"]["aggregate_tps"], 3)
-        result["vs_hf_prompt_lookup_c1"] = round(
-            m["dspark"]["c1"]["per_user_tps"] / result["hf_prompt_lookup"]["c1"]["per_user_tps"], 3)
+def _c1_figures(runs: dict) -> dict:
+    return {"per_user_tps": round(statistics.median(s for s in runs["speeds"] if s), 2),
+            "aggregate_tps": round(runs["tokens"] / runs["seconds"], 2)}
+
+
+def _c8_figures(runs: list[dict]) -> dict:
+    return {key: round(statistics.median(r[key] for r in runs), 2) for key in runs[0]}
+
+
+def _ratios(result: dict, c1: dict, c8: dict) -> None:
+    if "dspark" not in c8 or "none" not in c8:
+        return
+    ours, base = c8["dspark"], c8["none"]
+    result["speedup_c1"] = paired_ratio(c1["dspark"]["speeds"], c1["none"]["speeds"])
+    result["speedup_c8"] = paired_ratio([r["per_user_tps"] for r in ours],
+                                        [r["per_user_tps"] for r in base])
+    result["aggregate_ratio_c8"] = paired_ratio([r["aggregate_tps"] for r in ours],
+                                                [r["aggregate_tps"] for r in base])
+    if HF in c1:
+        result["vs_hf_prompt_lookup_c1"] = paired_ratio(c1["dspark"]["speeds"], c1[HF]["speeds"])
 
 
 def check_identical(cfg: SpecBenchConfig, prompts: list[list[int]]) -> dict:

@@ -82,6 +82,8 @@ def _bench_args(sub) -> None:
     s.add_argument("--dtype", default="auto", choices=DTYPES)
     s.add_argument("--max-tokens", type=int, default=64)
     s.add_argument("--per-domain", type=int, default=4, help="held-out prompts per domain")
+    s.add_argument("--repeats", type=int, default=3, help="passes over the prompts, the methods "
+                   "interleaved in each; ratios are paired within a pass")
     s.add_argument("--no-identical", action="store_true", help="skip the float32 identity check")
     s.add_argument("--json", default=None, help="write the results here")
     a = which.add_parser("sla", help="per-user speed vs aggregate throughput under load, per method",
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             from engine.bench_spec import SpecBenchConfig, main as spec_main
 
             spec_main(SpecBenchConfig(model=args.model, dtype=args.dtype, max_tokens=args.max_tokens,
-                                      prompts_per_domain=args.per_domain,
+                                      prompts_per_domain=args.per_domain, repeats=args.repeats,
                                       check_identical=not args.no_identical), args.json)
     except KeyboardInterrupt:
         return 130

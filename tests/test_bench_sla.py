@@ -7,7 +7,8 @@ import json
 import pytest
 
 from drafters.registry import save_drafter
-from engine.bench_sla import SlaBenchConfig, main, paired_ratio, sustained
+from engine.bench_sla import SlaBenchConfig, main, sustained
+from engine.bench_spec import paired_ratio
 from engine.config import EngineConfig
 from engine.core import EngineCore
 from tests.test_speculate import drafter_for

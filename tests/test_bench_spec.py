@@ -7,7 +7,7 @@ import json
 import pytest
 
 from drafters.registry import save_drafter
-from engine.bench_spec import SpecBenchConfig, main
+from engine.bench_spec import SpecBenchConfig, main, paired_ratio, run_c1, run_c8
 from engine.config import EngineConfig
 from engine.core import EngineCore
 from tests.test_speculate import drafter_for
@@ -21,7 +21,8 @@ def test_bench_spec_reports_speedups_and_identity(tiny_llama_dir, tmp_path, caps
         save_drafter(drafter_for(core, method, head), tmp_path / "drafters" / method)
     out = tmp_path / "spec.json"
     result = main(SpecBenchConfig(model=str(tiny_llama_dir), dtype="float32", max_tokens=8,
-                                  prompts_per_domain=1, drafter_dir=str(tmp_path / "drafters")),
+                                  prompts_per_domain=1, drafter_dir=str(tmp_path / "drafters"),
+                                  repeats=2),
                   str(out))
     saved = json.loads(out.read_text())
     assert saved == result
@@ -30,4 +31,39 @@ def test_bench_spec_reports_speedups_and_identity(tiny_llama_dir, tmp_path, caps
     assert saved["identical"] is True
     assert set(saved["methods"]) == {"none", "mtp1", "eagle3", "dflash", "dspark"}
     assert saved["methods"]["dspark"]["c8"]["aggregate_tps"] > 0
+    assert saved["repeats"] == 2
     assert "speedup_c1" in capsys.readouterr().out
+
+
+def test_runs_interleave_and_ratios_pair_runs_of_the_same_turn(monkeypatch):
+    """Every prompt runs under every method back to back, the order rotating; a pass over the
+    prompts repeats that. The machine halving its speed for the second pass moves both methods'
+    runs of that pass alike, so the paired ratio stays the true 1.2."""
+    calls = []
+
+    def runner(name, factor):
+        def run(prompt):
+            calls.append((name, prompt[0]))
+            slow = 0.5 if len(calls) > 6 else 1.0
+            speed = None if prompt[0] == 2 and name == "b" else factor * slow * (10 + prompt[0])
+            return speed, 5, 1.0
+        return run
+
+    cfg = SpecBenchConfig(repeats=2)
+    runs = run_c1(cfg, {"a": runner("a", 1.2), "b": runner("b", 1.0)}, [[0], [1], [2]])
+    assert calls == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2),
+                     ("b", 0), ("a", 0), ("a", 1), ("b", 1), ("b", 2), ("a", 2)]
+    assert len(runs["a"]["speeds"]) == 6 and runs["a"]["tokens"] == 30
+    assert paired_ratio(runs["a"]["speeds"], runs["b"]["speeds"]) == 1.2  # None pairs skipped
+
+    class Core:  # closed_loop's view of an engine: records which method ran when
+        def __init__(self, name):
+            self.name = name
+
+    order = []
+    monkeypatch.setattr("engine.bench_spec.closed_loop",
+                        lambda core, *a: (order.append(core.name) or ({"per_user_tps": 1.0}, [])))
+    passes = run_c8(SpecBenchConfig(repeats=3), {n: Core(n) for n in "xyz"}, [[0]])
+    assert order == list("xyzyzxzxy") and len(passes["x"]) == 3
+    with pytest.raises(ValueError):
+        SpecBenchConfig(repeats=0)
