@@ -7,8 +7,9 @@ as one finishes) over 2c held-out prompts (at least MIN_PROMPTS), greedy:
     aggregate_tps  generated tokens / wall time
     mean_verify_len  mean drafted tokens verified per request and round at that level
 With repeats > 1 every level runs that many times per method, the methods interleaved (their
-order rotating), and each figure is the median of its repeats: drift of the machine between
-methods then shows up in every method alike instead of in one.
+order rotating, dspark+scheduler and none always back to back: run_order), and each figure is
+the median of its repeats: drift of the machine between methods then shows up in every method
+alike instead of in one.
 Each method's curve (aggregate, per-user) over c is its speed/throughput frontier (PNG).
 SLAs, chosen as the paper did against the production baseline mtp1:
     strict    = 90% of mtp1's best per-user speed (mtp1 at its ceiling)
@@ -22,7 +23,7 @@ import json
 import statistics
 from dataclasses import dataclass
 
-from engine.bench_spec import bench_prompts, closed_loop, paired_ratio, rotated
+from engine.bench_spec import bench_prompts, closed_loop, paired_ratio, run_order
 from engine.config import EngineConfig
 from engine.core import EngineCore
 
@@ -30,13 +31,13 @@ LEVELS = (1, 2, 4, 8, 16, 32)
 # prompts a level runs at least: c1 over 4 prompts lasted ~8 s, short enough for the machine's
 # swings to move mtp1's best per-user speed, which sets both SLAs, by 20% between runs
 MIN_PROMPTS = 8
-METHODS = {  # name -> (spec_method, allocation); dspark+scheduler and none next to each other,
-    # so the rotating interleave runs them back to back in most repeats (paired_ratio)
+METHODS = {  # name -> (spec_method, allocation)
     "dspark+scheduler": ("dspark", "scheduler"),
     "none": ("none", "auto"),
     "dspark-fixed": ("dspark", "fixed"),
     "mtp1": ("mtp1", "fixed"),
 }
+PAIRED = ("dspark+scheduler", "none")  # ratio_vs_none's two: run back to back (run_order)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def run_methods(cfg: SlaBenchConfig, prompts: list[list[int]]) -> tuple[dict, di
         for c in cfg.levels:
             runs: dict = {name: [] for name in cfg.methods}
             for rep in range(cfg.repeats):
-                for name in rotated(cfg.methods, rep):
+                for name in run_order(cfg.methods, rep, PAIRED):
                     runs[name].append(run_level(cores[name], prompts, c, cfg.max_tokens))
             for name in cfg.methods:
                 rows[name][str(c)] = median_row(runs[name])

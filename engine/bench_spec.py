@@ -149,6 +149,18 @@ def rotated(names, shift: int) -> list:
     return list(names[k:]) + list(names[:k])
 
 
+def run_order(methods, rep: int, pair: tuple[str, str]) -> list[str]:
+    """The methods' order in repeat `rep`: rotating, with the two of `pair` always back to back
+    and taking turns to go first, so each of their paired ratios compares neighbouring runs
+    (a plain rotation parts them in some repeats: `bench sla` read c32 ratios of 0.96, 0.88,
+    0.81 in a run where they stood apart or followed mtp1)."""
+    if not all(name in methods for name in pair):
+        return rotated(list(methods), rep)
+    first, second = pair if rep % 2 == 0 else pair[::-1]
+    units = [(first, second)] + [(name,) for name in methods if name not in pair]
+    return [name for unit in rotated(units, rep) for name in unit]
+
+
 def paired_ratio(ours: list, base: list) -> float:
     """Median over runs i of ours_i / base_i (None entries skipped). Run i of both ran in the
     same turn of the interleave, mostly back to back, so the machine's drift largely cancels
@@ -172,11 +184,11 @@ def run_c1(cfg: SpecBenchConfig, runners: dict, prompts: list[list[int]]) -> dic
 
 
 def run_c8(cfg: SpecBenchConfig, cores: dict, prompts: list[list[int]]) -> dict:
-    """Each pass: the whole set at concurrency 8 under every method in rotating order
-    -> {name: [{per_user_tps, aggregate_tps} per pass]}."""
+    """Each pass: the whole set at concurrency 8 under every method in rotating order, dspark
+    and none back to back -> {name: [{per_user_tps, aggregate_tps} per pass]}."""
     runs: dict = {name: [] for name in cores}
     for rep in range(cfg.repeats):
-        for name in rotated(list(cores), rep):
+        for name in run_order(list(cores), rep, ("dspark", "none")):
             runs[name].append(closed_loop(cores[name], prompts, 8, cfg.max_tokens)[0])
     return runs
 

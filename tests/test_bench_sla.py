@@ -7,8 +7,8 @@ import json
 import pytest
 
 from drafters.registry import save_drafter
-from engine.bench_sla import SlaBenchConfig, main, sustained
-from engine.bench_spec import paired_ratio
+from engine.bench_sla import PAIRED, SlaBenchConfig, main, sustained
+from engine.bench_spec import paired_ratio, run_order
 from engine.config import EngineConfig
 from engine.core import EngineCore
 from tests.test_speculate import drafter_for
@@ -65,3 +65,15 @@ def test_paired_ratio_is_the_median_of_per_repeat_ratios():
     # repeats 2 and 3 ran while the machine was slow for both methods: their ratios still 1.1
     assert paired_ratio([110, 55, 66], [100, 50, 60]) == 1.1
     assert paired_ratio([2.0, 1.0], [1.0, 2.0]) == 1.25  # median of 2 and 0.5
+
+
+def test_the_paired_methods_always_run_back_to_back_and_take_turns_first():
+    methods = ("dspark+scheduler", "none", "dspark-fixed", "mtp1")
+    orders = [run_order(methods, rep, PAIRED) for rep in range(6)]
+    for rep, order in enumerate(orders):
+        assert sorted(order) == sorted(methods)
+        i, j = order.index("dspark+scheduler"), order.index("none")
+        assert abs(i - j) == 1  # neighbours in every repeat
+        assert (i < j) == (rep % 2 == 0)  # and each goes first in turn
+    assert len({order.index("mtp1") for order in orders}) == 3  # the rest still rotate
+    assert run_order(("none", "mtp1"), 1, PAIRED) == ["mtp1", "none"]  # no pair: a plain rotation

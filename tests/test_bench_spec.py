@@ -63,7 +63,8 @@ def test_runs_interleave_and_ratios_pair_runs_of_the_same_turn(monkeypatch):
     order = []
     monkeypatch.setattr("engine.bench_spec.closed_loop",
                         lambda core, *a: (order.append(core.name) or ({"per_user_tps": 1.0}, [])))
-    passes = run_c8(SpecBenchConfig(repeats=3), {n: Core(n) for n in "xyz"}, [[0]])
-    assert order == list("xyzyzxzxy") and len(passes["x"]) == 3
+    passes = run_c8(SpecBenchConfig(repeats=3), {n: Core(n) for n in ("none", "x", "dspark")}, [[0]])
+    assert order == ["dspark", "none", "x", "x", "none", "dspark", "dspark", "none", "x"]
+    assert len(passes["x"]) == 3
     with pytest.raises(ValueError):
         SpecBenchConfig(repeats=0)
