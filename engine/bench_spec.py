@@ -34,6 +34,7 @@ from engine.core import EngineCore
 from engine.messages import AddRequest, SamplingParams
 
 METHODS = ("none", "mtp1", "eagle3", "dflash", "dspark")
+PAIRED = ("dspark", "none")  # the speedups' two: back to back in every c8 pass (run_order)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class SpecBenchConfig:
     def __post_init__(self) -> None:
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        if self.max_tokens < 2:
+            raise ValueError(f"max tokens must be >= 2 (a decode speed needs two tokens), "
+                             f"got {self.max_tokens}")
 
 
 def bench_prompts(cfg: SpecBenchConfig, text, max_len: int = 1 << 30) -> list[list[int]]:
@@ -188,7 +192,7 @@ def run_c8(cfg: SpecBenchConfig, cores: dict, prompts: list[list[int]]) -> dict:
     and none back to back -> {name: [{per_user_tps, aggregate_tps} per pass]}."""
     runs: dict = {name: [] for name in cores}
     for rep in range(cfg.repeats):
-        for name in run_order(list(cores), rep, ("dspark", "none")):
+        for name in run_order(list(cores), rep, PAIRED):
             runs[name].append(closed_loop(cores[name], prompts, 8, cfg.max_tokens)[0])
     return runs
 

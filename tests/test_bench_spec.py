@@ -68,3 +68,5 @@ def test_runs_interleave_and_ratios_pair_runs_of_the_same_turn(monkeypatch):
     assert len(passes["x"]) == 3
     with pytest.raises(ValueError):
         SpecBenchConfig(repeats=0)
+    with pytest.raises(ValueError, match="max tokens must be >= 2"):
+        SpecBenchConfig(max_tokens=1)
