@@ -116,25 +116,29 @@ class ModelRunner:
         Emulated bf16: every GEMM computes in float32, through the exact fp16 image of the weight
         up to HALF_ROWS rows (HALF_ROWS_HEAD for the LM head, whose float32 GEMM overtakes
         fbgemm's sooner) and the packed float32 one beyond. If some weight has no exact fp16
-        image, one-token steps keep the bf16 weights instead (memory-bound, half the bytes)."""
+        image, one-token steps keep the bf16 weights instead (memory-bound, half the bytes).
+        Native bf16: every GEMM through its prepacked bf16 image (F.linear would re-lay the
+        weight out on every call)."""
         self.cpu_gemms = ""  # which CPU GEMM images run (throughput curves are cached per path)
         if self.device.type != "cpu":
             return self.dtype
-        emulated_bf16 = self.dtype == torch.bfloat16 and not cpu_has_native_bf16()
-        if not (emulated_bf16 or self.dtype == torch.float32):
+        native_bf16 = self.dtype == torch.bfloat16 and cpu_has_native_bf16()
+        emulated_bf16 = self.dtype == torch.bfloat16 and not native_bf16
+        if self.dtype not in (torch.bfloat16, torch.float32):
             return self.dtype
         linears = [m for m in self.model.modules() if isinstance(m, Linear)]
+        image = torch.bfloat16 if native_bf16 else torch.float32
         try:
             for module in linears:
                 half = HALF_ROWS_HEAD if module is self.model.lm_head else HALF_ROWS
                 module.pack_for_cpu(native_rows=0, rows_hint=64,
-                                    half_rows=half if emulated_bf16 else 0)
+                                    half_rows=half if emulated_bf16 else 0, dtype=image)
         except (RuntimeError, AttributeError, NotImplementedError) as exc:  # no oneDNN/fbgemm
             log.warning("CPU weight packing unavailable (%s); using plain GEMMs", exc)
             for module in linears:
                 module.cpu = None
             return self.dtype
-        self.cpu_gemms = "f32-packed"
+        self.cpu_gemms = "bf16-packed" if native_bf16 else "f32-packed"
         if not emulated_bf16:
             return self.dtype
         all_half = all(m.cpu.half is not None for m in linears)

@@ -294,8 +294,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def test_bf16_cpu_paths_track_float32_as_closely_as_transformers_bf16(tiny_llama_dir, prompts,
                                                                       hf_greedy):
-    """bf16 on a CPU: one-token steps multiply bf16 weights; multi-token steps go through packed
-    float32 GEMMs with float32 activations where bf16 is emulated. bf16 greedy drifts from
+    """bf16 on a CPU: every GEMM goes through prepacked bf16 weights where bf16 is native; where
+    it is emulated, one-token steps multiply bf16 weights and multi-token steps go through
+    packed float32 GEMMs with float32 activations. bf16 greedy drifts from
     float32 greedy (rounded weights); ours must drift no more than transformers' own bf16 does,
     batched and one by one, and every block comes back. On a tiny random model near-ties make
     single divergences a coin toss (one prompt set of 22 measured 209 against 239 on a CPU with
@@ -304,6 +305,7 @@ def test_bf16_cpu_paths_track_float32_as_closely_as_transformers_bf16(tiny_llama
     assert core.runner.dtype == torch.bfloat16
     emulated = core.runner.kv_dtype == torch.float32  # CPUs without native bf16
     assert (core.runner.model.float32_min_rows > 0) == emulated
+    assert (core.runner.cpu_gemms == "bf16-packed") == (not emulated)  # prepacked bf16 GEMMs
     f32 = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
 

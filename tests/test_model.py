@@ -12,6 +12,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
 
 from engine.config import ModelConfig
 from engine.model import CausalLM
+from engine.model_runner import cpu_has_native_bf16
 from kernels.cpu_gemm import Linear, fp16_exact_shift
 from kernels.attention import build_attention_batch
 
@@ -220,6 +221,27 @@ def test_fp16_image_of_bf16_weights_computes_the_float32_product(scale):
             got = lin(x)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="needs a CPU with native bf16")
+def test_bf16_image_computes_what_f_linear_does_in_bf16():
+    """On a CPU with native bf16 the image keeps the weight in bf16: y = x @ wᵀ (+ b) in bf16
+    out, as F.linear gives it (float32 accumulation both; summation order aside), at every row
+    count, and no fp16 image is made."""
+    torch.manual_seed(0)
+    w = torch.randn(96, 64).bfloat16()
+    lin = Linear(64, 96, bias=True).bfloat16()
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    lin.pack_for_cpu(native_rows=0, rows_hint=64, half_rows=8, dtype=torch.bfloat16)
+    assert lin.cpu.half is None and lin.cpu.dtype == torch.bfloat16
+    for rows in (1, 2, 8, 9, 40):
+        x = torch.randn(rows, 64).bfloat16()
+        want = torch.nn.functional.linear(x, w, lin.bias)
+        with torch.inference_mode():
+            got = lin(x)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_no_fp16_image_where_it_would_round():
