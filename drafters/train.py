@@ -35,8 +35,8 @@ from drafters.registry import build_drafter, save_drafter
 from drafters.validate import greedy_acceptance, split_holdout
 from drafters.vocab import SharedVocab, choose_draft_vocab
 from engine.config import ModelConfig
-from engine.model_runner import cpu_has_native_bf16
 from engine.weights import load_model_config, load_state_dict, resolve_checkpoint
+from kernels.cpu_gemm import cpu_has_native_bf16
 
 
 @dataclass(frozen=True)

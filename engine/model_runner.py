@@ -20,7 +20,7 @@ from engine.kv_cache import blocks_for
 from engine.model import CausalLM
 from engine.sampler import sample
 from kernels.attention import build_attention_batch
-from kernels.cpu_gemm import Linear
+from kernels.cpu_gemm import Linear, cpu_has_native_bf16
 
 log = logging.getLogger("dspark.engine")
 
@@ -35,15 +35,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -1,4 +1,4 @@
-"""Float32-compute GEMM images of a weight for CPUs: y = x @ wᵀ (+ b), chosen by row count.
+"""GEMM images of a weight for CPUs: y = x @ wᵀ (+ b), chosen by row count and CPU.
 
 x86 CPUs without native bf16 (AVX2) multiply a bf16 weight one row at a time (8 rows cost 8x
 one row), and F.linear's float32 GEMM is 1.3-2x slower than oneDNN's prepacked one at the 1-64
@@ -23,6 +23,17 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def cpu_has_native_bf16() -> bool:
+    """Does this CPU multiply bf16 natively (AVX512-BF16 or AMX)? Linux's /proc/cpuinfo flags;
+    False where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def fp16_exact_shift(w: torch.Tensor) -> int | None:

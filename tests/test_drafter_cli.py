@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from drafters.registry import read_drafter_config
-from engine.model_runner import cpu_has_native_bf16
+from kernels.cpu_gemm import cpu_has_native_bf16
 from server.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

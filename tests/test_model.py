@@ -12,8 +12,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
 
 from engine.config import ModelConfig
 from engine.model import CausalLM
-from engine.model_runner import cpu_has_native_bf16
-from kernels.cpu_gemm import Linear, fp16_exact_shift
+from kernels.cpu_gemm import Linear, cpu_has_native_bf16, fp16_exact_shift
 from kernels.attention import build_attention_batch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
