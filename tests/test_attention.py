@@ -52,8 +52,9 @@ def test_paged_attention_matches_oracle_fp32(mix, block_size):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_paged_attention_matches_oracle_bf16():
-    q, k_cache, v_cache, batch = random_case(*MIXES["mixed"], block_size=4, dtype=torch.bfloat16)
+@pytest.mark.parametrize("mix", ["mixed", "decodes"])  # decodes: the one-query float32 path
+def test_paged_attention_matches_oracle_bf16(mix):
+    q, k_cache, v_cache, batch = random_case(*MIXES[mix], block_size=4, dtype=torch.bfloat16)
     out = paged_attention(q, k_cache, v_cache, batch, scale=D ** -0.5)
     ref = attention_oracle(q, k_cache, v_cache, batch, scale=D ** -0.5)
     assert out.dtype == torch.bfloat16
