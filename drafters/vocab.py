@@ -26,10 +26,11 @@ class SharedVocab(nn.Module):
         self.register_buffer("to_draft", to_draft, persistent=False)  # [V], Vd = not drafted
         self.head_gemm: CpuGemm | None = None  # inference on a CPU (pack_for_cpu)
 
-    def pack_for_cpu(self, half_rows: int = 64) -> None:
+    def pack_for_cpu(self, half_rows: int = 64, dtype: torch.dtype = torch.float32) -> None:
         """Multiply the head through CPU GEMM images (kernels/cpu_gemm.py) when no gradient is
-        wanted: exact fp16 where the target's weights allow (bf16 targets do), float32 else."""
-        self.head_gemm = CpuGemm(self.lm_head, half_rows=half_rows)
+        wanted. float32: exact fp16 where the target's weights allow (bf16 targets do), float32
+        else; bfloat16: the prepacked bf16 image. Logits come back in float32."""
+        self.head_gemm = CpuGemm(self.lm_head, half_rows=half_rows, dtype=dtype)
 
     @property
     def size(self) -> int:
@@ -42,7 +43,7 @@ class SharedVocab(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d] -> [..., Vd] draft-vocabulary logits."""
         if self.head_gemm is not None and not torch.is_grad_enabled():
-            return self.head_gemm(hidden)
+            return self.head_gemm(hidden).float()
         return hidden @ self.lm_head.T
 
 

@@ -79,7 +79,7 @@ def load_engine_drafter(config: EngineConfig, runner: ModelRunner):
                          f"not {config.spec_method}")
     if max(drafter.config.feature_layers) > runner.model_cfg.num_layers:
         raise ValueError("the drafter reads target layers this model does not have")
-    return drafter.to(runner.device)
+    return drafter.to(runner.device, runner.cpu_gemm_dtype)
 
 
 class EngineCore:

@@ -100,6 +100,12 @@ class ModelRunner:
         cfg = dataclasses.replace(self.graph_config, capture=capture)
         self.graphs = GraphRunner(self.model, self.kv_caches, cfg, self.block_size, self.device)
 
+    @property
+    def cpu_gemm_dtype(self) -> torch.dtype:
+        """The dtype of the target's CPU GEMM images, which the drafter beside it packs its own
+        in (bfloat16 where the CPU multiplies it natively, float32 else)."""
+        return torch.bfloat16 if self.cpu_gemms == "bf16-packed" else torch.float32
+
     def _prepare_cpu_kernels(self) -> torch.dtype:
         """Pick CPU GEMM paths (see kernels/cpu_gemm.py); returns the KV cache dtype: float32
         where bf16 is emulated, since bf16 SDPA is several times slower there too.

@@ -123,7 +123,8 @@ def _calibrate(args) -> int:
     core = EngineCore.from_config(EngineConfig(model=args.model, num_threads=args.num_threads,
                                                max_num_seqs=64, max_num_batched_tokens=1024))
     text = TextProcessor.from_dir(core.tokenizer_dir)
-    drafter = load_drafter(args.drafter, *core.runner.embedding_and_lm_head()).to(core.runner.device)
+    drafter = load_drafter(args.drafter, *core.runner.embedding_and_lm_head())
+    drafter.to(core.runner.device, core.runner.cpu_gemm_dtype)  # as the engine runs it
     encoded = [text.apply_chat_template([{"role": "user", "content": p["prompt"]}]) for p in prompts]
     prompts, encoded = _held_out(prompts, encoded, exclude, None if args.prompts else args.per_domain)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_new_tokens, seed=0)

@@ -16,7 +16,7 @@ from drafters.packing import pack, valid_anchors
 from drafters.registry import build_drafter, load_drafter, save_drafter
 from drafters.validate import greedy_acceptance, split_holdout
 from drafters.vocab import SharedVocab
-from kernels.cpu_gemm import Linear
+from kernels.cpu_gemm import Linear, cpu_has_native_bf16
 
 V, D, N_FEAT = 61, 32, 3
 
@@ -337,6 +337,32 @@ def test_cpu_gemm_images_only_while_on_a_cpu() -> None:
     assert drafter.model.vocab.head_gemm is not None
     set_cpu_gemms(drafter.model, on=False)  # what Drafter.to does for a non-CPU device
     assert all(m.cpu is None for m in linears) and drafter.model.vocab.head_gemm is None
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="needs a CPU with native bf16")
+def test_bf16_images_draft_what_float32_drafts_within_bf16_rounding() -> None:
+    """Beside a target packed in bf16 the drafter packs its own GEMMs, LM head included, in
+    bf16 (Drafter.to(cpu, bfloat16)); its draft distributions stay float32 and within bf16
+    rounding of the float32 images'."""
+    drafter = build_drafter(tiny_config("dspark", "markov"), tiny_vocab())
+    randomize(drafter.model, 7)
+    g = torch.Generator().manual_seed(3)
+    tokens, features = torch.randint(0, V, (9,), generator=g), torch.randn(9, N_FEAT, D, generator=g)
+    forced = torch.randint(0, V, (1, 4), generator=g)
+    outs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        drafter.to("cpu", dtype)
+        linears = [m for m in drafter.model.modules() if isinstance(m, Linear)]
+        assert all(m.cpu.dtype == dtype for m in linears)
+        assert drafter.model.vocab.head_gemm.dtype == dtype
+        drafter.add("r")
+        drafter.extend("r", tokens[:8], features[:8])
+        outs[dtype] = drafter.propose(["r"], tokens[8:], torch.zeros(1), forced=forced)
+        drafter.remove("r")
+    f32, b16 = outs[torch.float32], outs[torch.bfloat16]
+    assert b16.probs.dtype == torch.float32
+    torch.testing.assert_close(b16.probs, f32.probs, atol=3e-2, rtol=0)
+    torch.testing.assert_close(b16.confidences, f32.confidences, atol=3e-2, rtol=0)
 
 
 def test_holdout_keeps_only_greedy_prompts_out_of_training() -> None:

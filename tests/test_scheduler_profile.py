@@ -71,11 +71,13 @@ def test_profile_measures_each_forward_size(core):
 
 
 def test_load_or_profile_uses_the_cache(core, tmp_path):
-    config = ProfileConfig(sizes=(1, 8), context=8, repeats=1, warmup=0)
+    # one warm-up step per size: a cold first step (3x slower, measured) would make the probe
+    # find the curve stale and profile again
+    config = ProfileConfig(sizes=(1, 8), context=8, repeats=1, warmup=1)
     with ForwardSpy(core.runner) as spy:
         first = load_or_profile(core, config, tmp_path, progress=False)
         second = load_or_profile(core, config, tmp_path, progress=False)
-    assert spy.tokens == [1, 8] + [1] * 3  # profiled once, then a probe of SPS(1) checks it
+    assert spy.tokens == [1, 1, 8, 8] + [1] * 3  # profiled once, then a probe of SPS(1) checks it
     assert first == second
     assert len(list(tmp_path.glob("*.json"))) == 1
 
@@ -83,7 +85,7 @@ def test_load_or_profile_uses_the_cache(core, tmp_path):
 def test_a_curve_measured_on_a_busy_machine_is_profiled_again(core, tmp_path, caplog):
     """One-sided: a cached curve far slower than a quick probe (it was measured under load) is
     replaced; one faster than the machine is now (busy at this moment) is kept."""
-    config = ProfileConfig(sizes=(1, 8), context=8, repeats=1, warmup=0)
+    config = ProfileConfig(sizes=(1, 8), context=8, repeats=1, warmup=1)
     true = load_or_profile(core, config, tmp_path, progress=False)
     path = next(tmp_path.glob("*.json"))
     for factor, reprofiled in ((0.2, True), (3.0, False)):
@@ -92,7 +94,7 @@ def test_a_curve_measured_on_a_busy_machine_is_profiled_again(core, tmp_path, ca
         with ForwardSpy(core.runner) as spy, caplog.at_level("WARNING", "dspark.profile"):
             caplog.clear()
             curve = load_or_profile(core, config, tmp_path, progress=False)
-        assert spy.tokens == [1] * 3 + ([1, 8] if reprofiled else [])
+        assert spy.tokens == [1] * 3 + ([1, 1, 8, 8] if reprofiled else [])
         assert ("measured while the machine was busy" in caplog.text) == reprofiled
         if reprofiled:
             assert curve.sps(1) > 2 * scaled.sps(1)
