@@ -3,6 +3,8 @@ target-only greedy output token for token, for every drafter, under chunked pref
 and aborts; KV blocks and drafter contexts are freed; counters have vLLM's meanings."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -208,6 +210,33 @@ class NotPayingPolicy(RecordingPolicy):
         return False
 
 
+class SlowPolicy(NotPayingPolicy):
+    """Every lengths() call takes 20 ms; drafting always pays."""
+
+    def lengths(self, *args, **kwargs):
+        time.sleep(0.02)
+        return super().lengths(*args, **kwargs)
+
+    def drafting(self, other_tokens=0) -> bool:
+        return True
+
+
+def test_the_policys_own_time_counts_as_drafting_time(tiny_llama_dir, prompts, reference):
+    """What a drafted round spends in the policy (and in acceptance after the step) is part
+    of what drafting costs: its running average joins the drafting time d the policy is
+    given. After k drafted rounds of >= 20 ms each the average is >= 20 ms · (1 − 0.8^k)."""
+    from engine.speculator import OVERHEAD_RATE
+
+    core = make_core(tiny_llama_dir, draft_skip_after=0)
+    policy = SlowPolicy()
+    core.enable_speculation(drafter_for(core, "dspark", "markov"), policy)
+    assert core.generate(prompts[:4], GREEDY) == reference[:4]
+    seen = policy.draft_seconds
+    assert len(seen) > 3
+    assert all(d >= 0.02 * (1 - (1 - OVERHEAD_RATE) ** k) for k, d in enumerate(seen))
+    assert core.spec.round_overhead >= 0.02 * (1 - (1 - OVERHEAD_RATE) ** len(seen))
+
+
 def test_rounds_are_not_drafted_while_drafting_does_not_pay(tiny_llama_dir, prompts, reference):
     """policy.drafting() False: only probe rounds draft; every decoding request of the other
     rounds counts as a skip with ℓ = 0; output stays the greedy one."""
@@ -236,6 +265,11 @@ def test_probes_back_off_while_drafting_does_not_pay_and_come_back_for_smaller_b
     assert all(spec._skips_round(8) for _ in range(PROBE_MAX - 1)) and not spec._skips_round(8)
     assert spec._skips_round(6) and not spec._skips_round(5)  # 5 < 0.75 · 8: judged afresh
     assert spec.counters.num_draft_skips == 8 * (60 - 4 + PROBE_MAX - 1) + 6  # request-rounds
+    # rounds with prefill chunks (other > 0) judged to pay draft without resetting the gap
+    policy.drafting = lambda other=0: other > 0
+    gap = spec.probe_every
+    assert not spec._skips_round(8, other_tokens=300) and spec.probe_every == gap == PROBE_MAX
+    assert spec._skips_round(8)  # plain decode rounds go on skipping
     policy.drafting = lambda other=0: True  # the verdict turns: every round drafts, the gap resets
     assert not any(spec._skips_round(8) for _ in range(5)) and spec.probe_every == 4
 
