@@ -16,7 +16,7 @@ from engine.calibration_data import RecordingDrafter, collect_rounds
 from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.messages import SamplingParams
-from engine.profile import ProfileConfig, load_or_profile, profile
+from engine.profile import COLD_STEPS, PROBE_REPEATS, ProfileConfig, load_or_profile, profile
 from scheduler import cli as scheduler_cli
 from scheduler.calibration import load_report, load_rounds, logit
 from scheduler.throughput import load_curve, save_curve
@@ -64,20 +64,22 @@ def test_profile_measures_each_forward_size(core):
     free = core.pool.num_free
     with ForwardSpy(core.runner) as spy:
         curve = profile(core, config, progress=False)
-    assert spy.tokens == [b for b in config.sizes for _ in range(3)]  # warm-up + 2 timed
+    # warm-up + 2 timed per size; the first size COLD_STEPS untimed steps more
+    assert spy.tokens == [1] * COLD_STEPS + [b for b in config.sizes for _ in range(3)]
     assert curve.sizes == config.sizes and all(s > 0 for s in curve.steps_per_second)
     assert "gamma=7 context=12" in curve.model and curve.hardware
     assert core.pool.num_free == free  # every KV block came back
 
 
 def test_load_or_profile_uses_the_cache(core, tmp_path):
-    # one warm-up step per size: a cold first step (3x slower, measured) would make the probe
-    # find the curve stale and profile again
     config = ProfileConfig(sizes=(1, 8), context=8, repeats=1, warmup=1)
     with ForwardSpy(core.runner) as spy:
         first = load_or_profile(core, config, tmp_path, progress=False)
         second = load_or_profile(core, config, tmp_path, progress=False)
-    assert spy.tokens == [1, 1, 8, 8] + [1] * 3  # profiled once, then a probe of SPS(1) checks it
+    # profiled once (the first size after COLD_STEPS more untimed steps), then a probe of
+    # SPS(1) checks it: COLD_STEPS + 1 warm-up + PROBE_REPEATS steps
+    profiled = [1] * (COLD_STEPS + 2) + [8, 8]
+    assert spy.tokens == profiled + [1] * (COLD_STEPS + 1 + PROBE_REPEATS)
     assert first == second
     assert len(list(tmp_path.glob("*.json"))) == 1
 
@@ -94,7 +96,8 @@ def test_a_curve_measured_on_a_busy_machine_is_profiled_again(core, tmp_path, ca
         with ForwardSpy(core.runner) as spy, caplog.at_level("WARNING", "dspark.profile"):
             caplog.clear()
             curve = load_or_profile(core, config, tmp_path, progress=False)
-        assert spy.tokens == [1] * 3 + ([1, 1, 8, 8] if reprofiled else [])
+        probe, profiled = [1] * (COLD_STEPS + 1 + PROBE_REPEATS), [1] * (COLD_STEPS + 2) + [8, 8]
+        assert spy.tokens == probe + (profiled if reprofiled else [])
         assert ("measured while the machine was busy" in caplog.text) == reprofiled
         if reprofiled:
             assert curve.sps(1) > 2 * scaled.sps(1)
