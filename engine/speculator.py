@@ -28,9 +28,10 @@ Two decisions read only the request's past, never this round's drafts, so both s
                    first probe comes SKIP_PROBE rounds in; while the verdict stands the gap
                    doubles, up to PROBE_MAX. A round with prefill chunks is judged at its own
                    size (a long step makes verified drafts cheap) and may draft without
-                   shortening the gap: only a new verdict on plain decode rounds does. A batch under PROBE_SHRINK of the last drafted
-                   one is probed at once: fewer requests make a step cheaper, so a verdict
-                   on more requests no longer applies
+                   shortening the gap: only a new verdict on plain decode rounds does. A
+                   batch under PROBE_SHRINK of the last drafted one is probed at once: fewer
+                   requests make a step cheaper, so a verdict on more requests no longer
+                   applies
 """
 from __future__ import annotations
 
