@@ -31,9 +31,7 @@ Two decisions read only the request's past, never this round's drafts, so both s
                    shortening the gap: only a new verdict on plain decode rounds does. A
                    batch under PROBE_SHRINK of the last drafted one is probed at once: fewer
                    requests make a step cheaper, so a verdict on more requests no longer
-                   applies. On plain decode rounds a "pays" verdict is also checked against
-                   what past rounds of the same batch size delivered (engine/realised.py):
-                   when drafted rounds gave fewer tokens/s than plain ones, nobody drafts
+                   applies
 """
 from __future__ import annotations
 
@@ -48,7 +46,6 @@ import torch
 from engine.allocation import AllocationPolicy
 from engine.batcher import ScheduledBatch
 from engine.messages import SpecDecodeStats
-from engine.realised import RealisedRates
 from engine.rejection_sampler import (StopTokens, draw_round_randoms, greedy_sample,
                                       rejection_sample, truncate_at_stop)
 from engine.sampler import SamplingTensors, filtered_probs_batch, request_generator
@@ -78,8 +75,6 @@ class RoundPlan:
     proposal: DraftOutput | None = None  # the drafter's output for `rows` (None: nobody drafted)
     verify_start: float = 0.0  # time.perf_counter() when planning ended and verification began
     policy_seconds: float = 0.0  # what the policy's lengths() call took
-    start: float = 0.0  # time.perf_counter() when planning began
-    backlog_seconds: float = 0.0  # context work for rounds not drafted before, paid now
 
     def draft_probs(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         """[D, V] p_d of the verified drafts, request by request (D = Σ l_r); built only for
@@ -149,16 +144,14 @@ class Speculator:
         # the measured step time holds: the policy's lengths() call and acceptance after the
         # step's sync (~1 ms on a CPU, 3% of an 8-request step); averaged, added to d
         self.round_overhead = 0.0
-        self.realised = RealisedRates()  # what plain and drafted decode rounds delivered
 
     def forget(self, request_id: str) -> None:
         self.drafter.remove(request_id)
 
     # ---- 1. draft and allocate -------------------------------------------------------------
     def plan(self, batch: ScheduledBatch) -> RoundPlan:
-        start = time.perf_counter()
         plan = self._draft(batch)
-        plan.start, plan.verify_start = start, time.perf_counter()
+        plan.verify_start = time.perf_counter()
         return plan
 
     def _draft(self, batch: ScheduledBatch) -> RoundPlan:
@@ -186,7 +179,6 @@ class Speculator:
         conf = None if out.confidences is None else out.confidences.cpu().numpy()
         draft_seconds = steady_draft_seconds(time.perf_counter() - flushed, flushed - start,
                                              waiting, len(rows) * self.counters.tau())
-        backlog = time.perf_counter() - start - draft_seconds
         room = [min(batch.num_lookahead[row], self.max_model_len - r.num_tokens)
                 for row, r in zip(rows, requests)]  # reserved slots, and the context limit
         other = batch.total_tokens - len(rows)  # prefill chunks and rows not drafting
@@ -198,16 +190,13 @@ class Speculator:
         tokens = out.tokens.tolist()  # [R][gamma]
         for i, row in enumerate(rows):
             drafts[row] = tokens[i][:lengths[i]]
-        return RoundPlan(drafts, rows, out, policy_seconds=time.perf_counter() - asked,
-                         backlog_seconds=backlog)
+        return RoundPlan(drafts, rows, out, policy_seconds=time.perf_counter() - asked)
 
     def _skips_round(self, num_requests: int, other_tokens: int = 0) -> bool:
         """Draft nobody this round (each request counts as a round that verified 0)?
         other_tokens: the forward's tokens besides the decoding rows' anchors."""
-        decode_only = other_tokens == 0
-        if self.policy.drafting(other_tokens) and not (
-                decode_only and self.realised.drafting_loses(num_requests)):
-            if decode_only:  # the verdict on plain decode rounds changed
+        if self.policy.drafting(other_tokens):
+            if other_tokens == 0:  # the verdict on plain decode rounds changed
                 self.probe_every = SKIP_PROBE
         elif (self.skipped_rounds < self.probe_every - 1
               and num_requests >= PROBE_SHRINK * self.drafted_requests):
@@ -276,13 +265,9 @@ class Speculator:
         if plan.rows and hasattr(self.policy, "observe"):  # online calibration error
             self.policy.observe(np.array([len(plan.drafts[r]) for r in plan.rows]),
                                 np.array([accepted[r] for r in plan.rows]))
-        now = time.perf_counter()
         if plan.rows:
-            spent = plan.policy_seconds + now - synced
+            spent = plan.policy_seconds + time.perf_counter() - synced
             self.round_overhead += OVERHEAD_RATE * (spent - self.round_overhead)
-        if batch.total_tokens == len(batch.requests):  # a plain decode round: no prefill chunk
-            self.realised.observe(len(batch.requests), bool(plan.rows),
-                                  sum(map(len, emitted)), now - plan.start - plan.backlog_seconds)
         return emitted, accepted
 
     def _sample(self, requests, due: list[int], plan: RoundPlan, logits: torch.Tensor,

@@ -333,36 +333,3 @@ def test_steady_drafting_time_counts_only_one_rounds_share_of_a_context_backlog(
     assert steady_draft_seconds(0.05, 0.2, 400, 48.0) == pytest.approx(0.074)
     assert steady_draft_seconds(0.05, 0.01, 20, 48.0) == pytest.approx(0.06)  # no backlog
     assert steady_draft_seconds(0.05, 0.0, 0, 48.0) == 0.05  # nothing waited
-
-
-def test_realised_rates_override_a_paying_verdict_only_with_evidence():
-    """engine/realised.py: drafted decode rounds of a batch size that delivered fewer tokens/s
-    than plain ones turn a "pays" verdict off at that size (and only there, and only once both
-    kinds have min_rounds samples); prefill rounds keep the policy's verdict."""
-    from types import SimpleNamespace
-
-    from engine.realised import RealisedRates
-    from engine.speculator import Speculator
-
-    rates = RealisedRates(min_rounds=2)
-    assert not rates.drafting_loses(8)
-    for _ in range(2):
-        rates.observe(8, drafted=False, tokens=8, seconds=0.030)  # 267 tok/s
-    assert not rates.drafting_loses(8)  # no drafted round yet
-    rates.observe(8, drafted=True, tokens=10, seconds=0.045)  # 222 tok/s
-    assert not rates.drafting_loses(8)  # one drafted round: too few
-    rates.observe(8, drafted=True, tokens=10, seconds=0.045)
-    assert rates.drafting_loses(8) and not rates.drafting_loses(4)
-    for _ in range(30):  # drafted rounds get better: the average follows
-        rates.observe(8, drafted=True, tokens=16, seconds=0.045)  # 356 tok/s
-    assert not rates.drafting_loses(8)
-
-    drafter = SimpleNamespace(gamma=4, config=SimpleNamespace(feature_layers=(1,)))
-    spec = Speculator(drafter, RecordingPolicy(2), 4, 10, (0,), 64, torch.device("cpu"))
-    spec.realised = RealisedRates(min_rounds=1)
-    spec.realised.observe(8, False, 8, 0.03)
-    spec.realised.observe(8, True, 9, 0.06)
-    skips = [spec._skips_round(8) for _ in range(4)]
-    assert skips == [True, True, True, False]  # the policy says pays; the measurements do not
-    assert not spec._skips_round(4)  # another batch size: nothing measured, the verdict holds
-    assert not spec._skips_round(8, other_tokens=300)  # a prefill round: the policy's verdict
