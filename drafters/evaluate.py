@@ -114,6 +114,16 @@ def merge_reports(reports: list[dict]) -> dict[float, dict]:
     return merged
 
 
+KINDS = ("dspark-rnn", "eagle3-2l", "dspark", "dflash", "eagle3", "mtp1")  # longest match first
+
+
+def drafter_kind(name: str) -> str:
+    """A drafter path's table name: "runs/drafters/next-dspark-rnn" -> "dspark-rnn" (a set's
+    prefix dropped), any other name as it is."""
+    base = Path(name).name
+    return next((k for k in KINDS if base == k or base.endswith("-" + k)), base)
+
+
 def markdown_table(reports: list[dict]) -> str:
     """tau per domain for every drafter and temperature, and DSpark's macro-average ratios."""
     merged = merge_reports(reports)
@@ -127,8 +137,8 @@ def markdown_table(reports: list[dict]) -> str:
             cells = " | ".join(f"{r['tau'][d]:.2f}" for d in domains)
             lines.append(f"| {Path(name).name} | {t:g} | {cells} | {r['tau']['macro']:.2f} | "
                          f"{r['tau']['all']:.2f} |")
-        by = {Path(n).name: r["tau"]["macro"] for n, r in rows.items()}
-        for other in ("dflash", "eagle3", "mtp1"):
+        by = {drafter_kind(n): r["tau"]["macro"] for n, r in rows.items()}
+        for other in ("dflash", "eagle3", "eagle3-2l", "mtp1"):
             if "dspark" in by and other in by:
                 ratios.append(f"T={t:g}: dspark ÷ {other} = {by['dspark'] / by[other]:.3f}")
     return "\n".join(lines) + ("\n\nmacro-average τ ratios: " + "; ".join(ratios) if ratios else "")

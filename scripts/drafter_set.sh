@@ -18,9 +18,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 SET=${SET:-next} DATA=${DATA:-runs/data-ps2} STEPS=${STEPS:-1400} RANK=${RANK:-256}
 PROMPTS=${PROMPTS:-256} PRECISION=${PRECISION:-auto} FUSE=${FUSE---fuse-loss}
-NAMES=(dspark dspark-rnn dflash eagle3 mtp1)
+NAMES=(dspark dspark-rnn dflash eagle3 eagle3-2l mtp1)
+# Eagle3 is the one-layer chain the issue and the paper define; eagle3-2l is the same chain at
+# the parallel drafters' depth (2 layers), the equal-depth row of the table.
 declare -A METHOD=([dspark]="dspark --head markov" [dspark-rnn]="dspark --head rnn"
-                   [dflash]=dflash [eagle3]=eagle3 [mtp1]=mtp1)
+                   [dflash]=dflash [eagle3]="eagle3 --layers 1" [eagle3-2l]=eagle3 [mtp1]=mtp1)
 mkdir -p runs/eval
 
 train_one() {  # name: a finished drafter (weights without a stop mark) is left alone
@@ -43,7 +45,7 @@ print(''.join(2 * (json.dumps({'domain': p['domain'], 'prompt': p['prompt']}) + 
     dspark train data --per-domain "$PROMPTS" --out "$DATA" --num-threads 2 ;;
   train)
     (train_one dspark; train_one dflash; train_one mtp1) &
-    (train_one eagle3; train_one dspark-rnn) &
+    (train_one eagle3; train_one dspark-rnn; train_one eagle3-2l) &
     wait ;;
   proxy)
     for n in "${NAMES[@]}"; do

@@ -202,3 +202,17 @@ def test_training_prompts_as_a_file_feed_train_data(tiny_llama_dir, tmp_path):
                  "--num-threads", "1"]) == 0
     meta, sequences = load_training_data(tmp_path / "data")
     assert len(sequences) == 3 and meta["prompts_file"] == "prompts.jsonl"
+
+
+def test_eval_table_ratios_read_a_sets_prefixed_drafter_names():
+    from drafters.evaluate import markdown_table
+
+    def report(t, taus):
+        return {"temperature": t, "prompts": {"math": 2},
+                "drafters": {f"runs/drafters/next-{n}": {"tau": {"math": v, "macro": v, "all": v}}
+                             for n, v in taus.items()}}
+    table = markdown_table([report(0, {"dspark": 1.5, "dspark-rnn": 1.4, "dflash": 1.2,
+                                       "eagle3": 1.25, "eagle3-2l": 1.6})])
+    assert "| next-dspark-rnn | 0 | 1.40 |" in table
+    assert "dspark ÷ dflash = 1.250" in table and "dspark ÷ eagle3 = 1.200" in table
+    assert "dspark ÷ eagle3-2l = 0.938" in table and "mtp1" not in table
