@@ -2,9 +2,9 @@
 # The CPU cycle that replaces the shipped drafter set, one phase per call (each resumable):
 #   scripts/drafter_set.sh data       the target answers the training prompts (DATA) and the 90
 #                                     evaluation prompts (runs/data-evalset, for `proxy`)
-#   scripts/drafter_set.sh train      five drafters at one budget, two lanes of one thread each
+#   scripts/drafter_set.sh train      the five drafters and eagle3-2l at one budget, two lanes of one thread each
 #   scripts/drafter_set.sh proxy      teacher-forced greedy τ on the eval-set answers (~25 s each)
-#   scripts/drafter_set.sh eval       dspark eval at T = 0 and 1 for all five, and the README table
+#   scripts/drafter_set.sh eval       dspark eval at T = 0 and 1 for all six, and the README table
 #   scripts/drafter_set.sh calibrate  DSpark's two calibrations (temperature 1, then greedy)
 # Settings (environment): SET (name prefix, default "next"), DATA (runs/data-ps2), STEPS (1400),
 # RANK (DSpark's head rank, 256), PROMPTS (training prompts per domain for `data`, 256),

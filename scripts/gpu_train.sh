@@ -28,11 +28,12 @@ t0=$(date +%s)
 timeout 200 python -m server.cli train data --prompts gpu-in/prompts.jsonl --out "$DATA" \
   --batch 256 > "$OUT/data.txt" 2>&1
 echo "data rc=$? $(( $(date +%s) - t0 )) s" >> "$OUT/times.txt"
-for spec in dspark:dspark:markov dspark-rnn:dspark:rnn dflash:dflash: eagle3:eagle3: mtp1:mtp1:; do
-  IFS=: read -r name method head <<< "$spec"
+# name:method:head:layers (Eagle3 is the one-layer chain; the rest have the default 2 layers)
+for spec in dspark:dspark:markov: dspark-rnn:dspark:rnn: dflash:dflash:: eagle3:eagle3::1 mtp1:mtp1::; do
+  IFS=: read -r name method head layers <<< "$spec"
   t=$(date +%s)
   timeout $((TRAIN_S + 25)) python -m server.cli train drafter --data "$DATA" \
-    --out "$RUNS/$name" --method "$method" ${head:+--head "$head"} --lr 1e-3 \
+    --out "$RUNS/$name" --method "$method" ${head:+--head "$head"} ${layers:+--layers "$layers"} --lr 1e-3 \
     --minutes "$(awk "BEGIN {print $TRAIN_S / 60}")" --seqs-per-step "$SEQS" --head-rank "$RANK" \
     --precision "$PRECISION" > "$OUT/train-$name.txt" 2>&1
   echo "$name rc=$? $(( $(date +%s) - t )) s" >> "$OUT/times.txt"
