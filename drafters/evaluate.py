@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from drafters.registry import SHIPPED
 from drafters.speculate import SpecStats, speculative_generate
 from engine.messages import SamplingParams
 
@@ -114,7 +115,8 @@ def merge_reports(reports: list[dict]) -> dict[float, dict]:
     return merged
 
 
-KINDS = ("dspark-rnn", "eagle3-2l", "dspark", "dflash", "eagle3", "mtp1")  # longest match first
+# the shipped names plus the equal-depth Eagle3 row, longest first ("x-dspark-rnn" is not dspark)
+KINDS = tuple(sorted((*SHIPPED, "eagle3-2l"), key=len, reverse=True))
 
 
 def drafter_kind(name: str) -> str:
