@@ -50,6 +50,9 @@ def add_commands(sub) -> None:
     t.add_argument("--kl", type=float, default=1.0,
                    help="dspark: weight of the KL(target || draft) term added to the paper's loss "
                         "(0 = the paper's loss)")
+    t.add_argument("--decay", type=float, default=4.0,
+                   help="position weights w_k = exp(-(k-1)/decay) in the loss (the paper's 4; "
+                        "about -1/ln(acceptance) weights each position by its chance of being reached)")
     t.add_argument("--holdout", type=float, default=0.0,
                    help="share of greedy sequences held out; held-out greedy tau is printed at "
                         "every checkpoint and saved with the drafter")
@@ -143,8 +146,8 @@ def _train_drafter(args) -> int:
                       block_size=args.block_size, num_layers=args.layers, head_rank=args.head_rank,
                       draft_vocab=args.draft_vocab, steps=args.steps, minutes=args.minutes,
                       seqs_per_step=args.seqs_per_step, anchors_per_seq=args.anchors_per_seq,
-                      lr=args.lr, kl=args.kl, holdout=args.holdout, model=args.model,
-                      device=args.device, precision=args.precision,
+                      lr=args.lr, kl=args.kl, decay=args.decay, holdout=args.holdout,
+                      model=args.model, device=args.device, precision=args.precision,
                       fuse_loss=args.fuse_loss)
     try:
         print(f"drafter saved in {train(cfg)}")

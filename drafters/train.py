@@ -57,6 +57,7 @@ class TrainConfig:
     warmup: float = 0.04  # share of steps
     clip: float = 1.0
     kl: float = 1.0  # dspark only: weight of KL(p_t || p_d) added to the paper's loss (0 = paper)
+    decay: float = 4.0  # position weights w_k = exp(-(k-1)/decay) (the paper's 4)
     seed: int = 0
     checkpoint_every: int = 100
     holdout: float = 0.0  # share of greedy sequences held out for validation (drafters/validate.py)
@@ -72,8 +73,8 @@ class TrainConfig:
                              "head-rank and draft-vocab must all be >= 1")
         if not 0 < self.lr < 1 or not 0 <= self.warmup < 1 or self.clip <= 0:
             raise ValueError("lr must be in (0, 1), warmup in [0, 1), clip > 0")
-        if self.kl < 0 or self.minutes < 0:
-            raise ValueError("kl and minutes must be >= 0")
+        if self.kl < 0 or self.minutes < 0 or self.decay <= 0:
+            raise ValueError("kl and minutes must be >= 0, decay > 0")
         if not 0 <= self.holdout < 0.5:
             raise ValueError("holdout must be in [0, 0.5)")
         if self.precision not in PRECISIONS:
@@ -171,6 +172,7 @@ def train(tc: TrainConfig, progress: bool = True) -> Path:
     rng = random.Random(tc.seed)
     step, elapsed = _resume(out / "checkpoint.pt", model, opt, rng, tc)
     weights = replace(DSPARK_LOSS, kl=tc.kl) if tc.method == "dspark" else CE_LOSS
+    weights = replace(weights, decay=tc.decay)
     precision = resolve_precision(tc.precision, device)
     fused = tc.fuse_loss and fusion_works(
         device, model.vocab.size, weights, torch.bfloat16 if precision == "bf16" else torch.float32)

@@ -8,7 +8,8 @@
 #   scripts/drafter_set.sh eval       dspark eval at T = 0 and 1 for all six, and the README table
 #   scripts/drafter_set.sh calibrate  DSpark's two calibrations (temperature 1, then greedy)
 # Settings (environment): SET (name prefix, default "next"), DATA (runs/data-ps2), STEPS (1400),
-# RANK (DSpark's head rank, 256), PROMPTS (training prompts per domain for `data`, 256),
+# RANK (DSpark's head rank, 256), DECAY (the loss's position decay, 4), PROMPTS (training
+# prompts per domain for `data`, 256),
 # PRECISION (auto: bf16 where native) and FUSE (--fuse-loss; empty to leave it off). Drafters
 # land in runs/drafters/$SET-NAME, logs in runs/log-$SET-NAME.txt, reports in runs/eval/.
 # Shipping is a decision, not a phase: copy weights.safetensors and drafter.json (and DSpark's
@@ -18,7 +19,7 @@
 # Run it inside the project's virtual environment (`dspark` and `python` on the PATH).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-SET=${SET:-next} DATA=${DATA:-runs/data-ps2} STEPS=${STEPS:-1400} RANK=${RANK:-256}
+SET=${SET:-next} DATA=${DATA:-runs/data-ps2} STEPS=${STEPS:-1400} RANK=${RANK:-256} DECAY=${DECAY:-4}
 PROMPTS=${PROMPTS:-256} PRECISION=${PRECISION:-auto} FUSE=${FUSE---fuse-loss}
 NAMES=(dspark dspark-rnn dflash eagle3 eagle3-2l mtp1)
 # Eagle3 is the one-layer chain the issue and the paper define; eagle3-2l is the same chain at
@@ -33,7 +34,7 @@ train_one() {  # name: a finished drafter (weights without a stop mark) is left 
 sys.exit('stopped_at_step' in read(pathlib.Path(sys.argv[1]))[1])" "$out" 2>/dev/null && return
   # shellcheck disable=SC2086  # METHOD holds "method [--head h]", FUSE a flag or nothing
   dspark train drafter --data "$DATA" --out "$out" --method ${METHOD[$1]} --head-rank "$RANK" \
-    --steps "$STEPS" --lr 1e-3 --precision "$PRECISION" $FUSE --num-threads 1 \
+    --decay "$DECAY" --steps "$STEPS" --lr 1e-3 --precision "$PRECISION" $FUSE --num-threads 1 \
     >> "runs/log-$SET-$1.txt" 2>&1
 }
 

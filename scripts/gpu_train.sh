@@ -22,6 +22,7 @@ TRAIN_S=${TRAIN_S:-50}
 SEQS=${SEQS:-32}
 RANK=${RANK:-256}  # DSpark's head rank (the paper's; +2% τ on the CPU, +6.3 MB of weights)
 PRECISION=${PRECISION:-auto}  # bf16 autocast where native (weights and loss float32)
+DECAY=${DECAY:-4}  # the loss's position decay, w_k = exp(-(k-1)/DECAY) (the paper's 4)
 mkdir -p "$OUT/drafters"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 t0=$(date +%s)
@@ -35,7 +36,7 @@ for spec in dspark:dspark:markov: dspark-rnn:dspark:rnn: dflash:dflash:: eagle3:
   timeout $((TRAIN_S + 25)) python -m server.cli train drafter --data "$DATA" \
     --out "$RUNS/$name" --method "$method" ${head:+--head "$head"} ${layers:+--layers "$layers"} --lr 1e-3 \
     --minutes "$(awk "BEGIN {print $TRAIN_S / 60}")" --seqs-per-step "$SEQS" --head-rank "$RANK" \
-    --precision "$PRECISION" > "$OUT/train-$name.txt" 2>&1
+    --decay "$DECAY" --precision "$PRECISION" > "$OUT/train-$name.txt" 2>&1
   echo "$name rc=$? $(( $(date +%s) - t )) s" >> "$OUT/times.txt"
   mkdir -p "$OUT/drafters/$name"
   find "$RUNS/$name" -maxdepth 1 -type f ! -name checkpoint.pt -exec cp {} "$OUT/drafters/$name/" \;

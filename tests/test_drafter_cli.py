@@ -167,10 +167,34 @@ def test_the_time_schedule_warms_up_then_decays_to_zero():
     assert lr_factor(520, 1000, 0.04) == pytest.approx(time_lr_factor(0.52, 0.04))
 
 
+def test_decay_sets_the_losss_position_weights(trained, tmp_path, monkeypatch):
+    """--decay reaches the loss (w_k = exp(-(k-1)/decay)) for every method, and is recorded."""
+    import drafters.train
+
+    root, model = trained
+    seen = []
+    real = drafters.train.drafter_loss
+
+    def spy(*args, **kwargs):
+        seen.append(args[4])  # the LossWeights
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(drafters.train, "drafter_loss", spy)
+    for method in ("dspark", "dflash"):
+        out = tmp_path / method
+        assert main(["train", "drafter", "--model", model, "--data", str(root / "data"),
+                     "--out", str(out), "--method", method, "--steps", "1", "--seqs-per-step", "2",
+                     "--anchors-per-seq", "4", "--block-size", "3", "--draft-vocab", "100",
+                     "--decay", "1.5", "--num-threads", "1"]) == 0
+        assert read_drafter_config(out)[1]["train"]["decay"] == 1.5
+    assert [w.decay for w in seen] == [1.5, 1.5] and seen[0].l1 == 0.9 and seen[1].l1 == 0.0
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["eval", "--drafter", "no-such-drafter"], "neither a shipped drafter"),
     (["train", "drafter", "--data", "/no/such/dir", "--out", "/tmp/x-never"], "not a training-data"),
     (["train", "drafter", "--out", "/tmp/x", "--steps", "0"], "steps"),
+    (["train", "drafter", "--out", "/tmp/x", "--decay", "0"], "decay"),
 ])
 def test_errors_are_one_line(argv, needle, capsys):
     assert main(argv) == 2
