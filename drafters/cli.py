@@ -52,7 +52,8 @@ def add_commands(sub) -> None:
                         "(0 = the paper's loss)")
     t.add_argument("--decay", type=float, default=4.0,
                    help="position weights w_k = exp(-(k-1)/decay) in the loss (the paper's 4; "
-                        "about -1/ln(acceptance) weights each position by its chance of being reached)")
+                        "about -1/ln(acceptance) weights a position by its chance of being "
+                        "reached)")
     t.add_argument("--holdout", type=float, default=0.0,
                    help="share of greedy sequences held out; held-out greedy tau is printed at "
                         "every checkpoint and saved with the drafter")

@@ -9,9 +9,9 @@
 #   scripts/drafter_set.sh calibrate  DSpark's two calibrations (temperature 1, then greedy)
 # Settings (environment): SET (name prefix, default "next"), DATA (runs/data-ps2), STEPS (1400),
 # RANK (DSpark's head rank, 256), DECAY (the loss's position decay, 4), PROMPTS (training
-# prompts per domain for `data`, 256),
-# PRECISION (auto: bf16 where native) and FUSE (--fuse-loss; empty to leave it off). Drafters
-# land in runs/drafters/$SET-NAME, logs in runs/log-$SET-NAME.txt, reports in runs/eval/.
+# prompts per domain for `data`, 256), PRECISION (auto: bf16 where native) and FUSE
+# (--fuse-loss; empty to leave it off). Drafters land in runs/drafters/$SET-NAME, logs in
+# runs/log-$SET-NAME.txt, reports in runs/eval/.
 # Shipping is a decision, not a phase: copy weights.safetensors and drafter.json (and DSpark's
 # calibrations) of all five into drafters/weights/NAME together (the table stays at one budget),
 # and only when the set's rows beat the shipped ones beyond their noise (session 14 shipped with
@@ -19,8 +19,8 @@
 # Run it inside the project's virtual environment (`dspark` and `python` on the PATH).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-SET=${SET:-next} DATA=${DATA:-runs/data-ps2} STEPS=${STEPS:-1400} RANK=${RANK:-256} DECAY=${DECAY:-4}
-PROMPTS=${PROMPTS:-256} PRECISION=${PRECISION:-auto} FUSE=${FUSE---fuse-loss}
+SET=${SET:-next} DATA=${DATA:-runs/data-ps2} STEPS=${STEPS:-1400} RANK=${RANK:-256}
+DECAY=${DECAY:-4} PROMPTS=${PROMPTS:-256} PRECISION=${PRECISION:-auto} FUSE=${FUSE---fuse-loss}
 NAMES=(dspark dspark-rnn dflash eagle3 eagle3-2l mtp1)
 # Eagle3 is the one-layer chain the issue and the paper define; eagle3-2l is the same chain at
 # the parallel drafters' depth (2 layers), the equal-depth row of the table.
