@@ -57,6 +57,9 @@ def add_commands(sub) -> None:
     t.add_argument("--holdout", type=float, default=0.0,
                    help="share of greedy sequences held out; held-out greedy tau is printed at "
                         "every checkpoint and saved with the drafter")
+    t.add_argument("--init", default="", help="start from this trained drafter's weights "
+                   "(name or path; same flags and data vocabulary) with a fresh optimiser and "
+                   "schedule: a longer budget in stages, or fine-tuning")
     t.add_argument("--model", default="", help="target checkpoint (default: the embedded model)")
     t.add_argument("--device", default="auto")
     t.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -149,7 +152,7 @@ def _train_drafter(args) -> int:
                       seqs_per_step=args.seqs_per_step, anchors_per_seq=args.anchors_per_seq,
                       lr=args.lr, kl=args.kl, decay=args.decay, holdout=args.holdout,
                       model=args.model, device=args.device, precision=args.precision,
-                      fuse_loss=args.fuse_loss)
+                      fuse_loss=args.fuse_loss, init=args.init)
     try:
         print(f"drafter saved in {train(cfg)}")
     except TrainingStopped as stopped:

@@ -8,7 +8,9 @@ to out_dir/checkpoint.pt; a rerun with the same out_dir resumes there. `minutes`
 the step count by a wall-clock budget (summed over resumed runs), and the schedule then follows
 the elapsed share of it. The final drafter is saved in out_dir (drafters/registry.py format).
 SIGINT or SIGTERM ends the run after its current step with both saved (the drafter's summary
-says `stopped_at_step`), so nothing is lost.
+says `stopped_at_step`), so nothing is lost. `init` starts from a trained drafter's weights
+and draft vocabulary (same architecture) with a fresh optimiser and schedule: a longer budget
+in stages, or fine-tuning on new data.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,7 +33,8 @@ from drafters.config import PRECISIONS, DrafterConfig
 from drafters.data import load_training_data
 from drafters.losses import CE_LOSS, DSPARK_LOSS, drafter_loss, fusion_works
 from drafters.packing import pack
-from drafters.registry import build_drafter, save_drafter
+from drafters.registry import (build_drafter, load_drafter, read_drafter_config,
+                               resolve_drafter_path, save_drafter)
 from drafters.validate import greedy_acceptance, split_holdout
 from drafters.vocab import SharedVocab, choose_draft_vocab
 from engine.config import ModelConfig
@@ -65,6 +68,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"  # "bf16": the forward under bfloat16 autocast (loss in fp32); "auto"
     fuse_loss: bool = False  # the loss's per-token terms compiled into one pass (losses.py)
+    init: str = ""  # a trained drafter (name or path) to start from ("" = a random start)
 
     def __post_init__(self) -> None:
         if min(self.steps, self.seqs_per_step, self.anchors_per_seq, self.block_size,
@@ -106,6 +110,23 @@ def make_drafter(tc: TrainConfig, data_meta: dict, sequences, target: ModelConfi
         num_heads=target.num_heads, num_kv_heads=target.num_kv_heads, head_dim=target.head_dim,
         rms_norm_eps=target.rms_norm_eps, rope_theta=target.rope_theta)
     return build_drafter(cfg, SharedVocab(emb, head, vocab_ids))
+
+
+def init_drafter(config: DrafterConfig, name_or_path: str, emb: torch.Tensor,
+                 head: torch.Tensor) -> tuple[Drafter, dict]:
+    """A trained drafter to continue from, with its own draft vocabulary (its head's rows follow
+    it), and {"from": path, "steps": steps it was trained, its own init's included}. Its
+    configuration must equal this run's `config`: a one-line error names what differs."""
+    path = resolve_drafter_path(name_or_path)
+    cfg, summary = read_drafter_config(path)
+    differ = [f"{f.name}: {getattr(cfg, f.name)} there, {getattr(config, f.name)} here"
+              for f in fields(cfg) if getattr(cfg, f.name) != getattr(config, f.name)]
+    if differ:
+        raise ValueError(f"--init {name_or_path} is another architecture ({'; '.join(differ)})")
+    drafter = load_drafter(name_or_path, emb, head)
+    drafter.model.train()
+    before = summary.get("steps_done", 0) + summary.get("init", {}).get("steps", 0)
+    return drafter, {"from": str(path), "steps": before}
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -165,6 +186,9 @@ def train(tc: TrainConfig, progress: bool = True) -> Path:
     target, emb, head = target_matrices(tc.model)
     torch.manual_seed(tc.seed)
     drafter = make_drafter(tc, meta, sequences, target, emb, head)
+    init = {}
+    if tc.init:  # its weights, unless a checkpoint below has newer ones
+        drafter, init = init_drafter(drafter.config, tc.init, emb, head)
     model = drafter.model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=0.0, betas=(0.9, 0.95))
     out = Path(tc.out_dir)
@@ -207,6 +231,8 @@ def train(tc: TrainConfig, progress: bool = True) -> Path:
     summary = {"train": asdict(tc), "precision": precision, "steps_done": step,
                "seconds_this_run": round(time.perf_counter() - budget.start, 1),
                "final_terms": _average(history[-50:])}
+    if init:
+        summary["init"] = init
     if stopped:
         summary["stopped_at_step"] = step
     elif held_out:

@@ -9,8 +9,10 @@
 #   scripts/drafter_set.sh calibrate  DSpark's two calibrations (temperature 1, then greedy)
 # Settings (environment): SET (name prefix, default "next"), DATA (runs/data-ps2), STEPS (1400),
 # RANK (DSpark's head rank, 256), DECAY (the loss's position decay, 4), PROMPTS (training
-# prompts per domain for `data`, 256), PRECISION (auto: bf16 where native) and FUSE
-# (--fuse-loss; empty to leave it off). Drafters land in runs/drafters/$SET-NAME, logs in
+# prompts per domain for `data`, 256), PRECISION (auto: bf16 where native), FUSE
+# (--fuse-loss; empty to leave it off) and INIT (a path prefix: each drafter continues from
+# ${INIT}NAME, e.g. INIT=drafters/weights/ for a second budget on the shipped set; a drafter
+# without one there is skipped). Drafters land in runs/drafters/$SET-NAME, logs in
 # runs/log-$SET-NAME.txt, reports in runs/eval/.
 # Shipping is a decision, not a phase: copy weights.safetensors and drafter.json (and DSpark's
 # calibrations) of all five into drafters/weights/NAME together (the table stays at one budget),
@@ -21,6 +23,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 SET=${SET:-next} DATA=${DATA:-runs/data-ps2} STEPS=${STEPS:-1400} RANK=${RANK:-256}
 DECAY=${DECAY:-4} PROMPTS=${PROMPTS:-256} PRECISION=${PRECISION:-auto} FUSE=${FUSE---fuse-loss}
+INIT=${INIT:-}
 NAMES=(dspark dspark-rnn dflash eagle3 eagle3-2l mtp1)
 # Eagle3 is the one-layer chain the issue and the paper define; eagle3-2l is the same chain at
 # the parallel drafters' depth (2 layers), the equal-depth row of the table.
@@ -32,10 +35,15 @@ train_one() {  # name: a finished drafter (weights without a stop mark) is left 
   local out=runs/drafters/$SET-$1
   python -c "import sys, pathlib; from drafters.registry import read_drafter_config as read
 sys.exit('stopped_at_step' in read(pathlib.Path(sys.argv[1]))[1])" "$out" 2>/dev/null && return
+  local init=()
+  if [ -n "$INIT" ]; then
+    [ -f "${INIT}$1/drafter.json" ] || { echo "no ${INIT}$1 to continue: $1 skipped" >&2; return; }
+    init=(--init "${INIT}$1")
+  fi
   # shellcheck disable=SC2086  # METHOD holds "method [--head h]", FUSE a flag or nothing
   dspark train drafter --data "$DATA" --out "$out" --method ${METHOD[$1]} --head-rank "$RANK" \
     --decay "$DECAY" --steps "$STEPS" --lr 1e-3 --precision "$PRECISION" $FUSE --num-threads 1 \
-    >> "runs/log-$SET-$1.txt" 2>&1
+    "${init[@]}" >> "runs/log-$SET-$1.txt" 2>&1
 }
 
 case ${1:-} in

@@ -190,6 +190,35 @@ def test_decay_sets_the_losss_position_weights(trained, tmp_path, monkeypatch):
     assert [w.decay for w in seen] == [1.5, 1.5] and seen[0].l1 == 0.9 and seen[1].l1 == 0.0
 
 
+def test_init_continues_from_a_trained_drafter(trained, tmp_path, capsys):
+    """--init starts from a trained drafter's weights and vocabulary (here one step at lr 1e-9
+    leaves them as they were, where a random start does not) and records where it came from;
+    another architecture is refused in one line."""
+    from safetensors.torch import load_file
+
+    root, model = trained
+    flags = ["--model", model, "--data", str(root / "data"), "--method", "dspark", "--head",
+             "rnn", "--steps", "1", "--seqs-per-step", "2", "--anchors-per-seq", "4",
+             "--block-size", "3", "--draft-vocab", "100", "--lr", "1e-9", "--num-threads", "1"]
+    for name, init in (("c", ["--init", str(root / "d")]), ("r", [])):
+        assert main(["train", "drafter", "--out", str(tmp_path / name), *flags, *init]) == 0
+    source = load_file(str(root / "d" / "weights.safetensors"))
+    continued = load_file(str(tmp_path / "c" / "weights.safetensors"))
+    fresh = load_file(str(tmp_path / "r" / "weights.safetensors"))
+    assert source.keys() == continued.keys() and all(
+        torch.equal(source[k], continued[k]) for k in source)
+    assert not all(torch.equal(source[k], fresh[k]) for k in source if k != "vocab_ids")
+    summary = read_drafter_config(tmp_path / "c")[1]
+    assert summary["init"] == {"from": str(root / "d"), "steps": 4}
+    assert "init" not in read_drafter_config(tmp_path / "r")[1]
+    capsys.readouterr()
+    markov = [("markov" if a == "rnn" else a) for a in flags]
+    assert main(["train", "drafter", "--out", str(tmp_path / "m"), *markov,
+                 "--init", str(root / "d")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "another architecture (head: rnn there, markov here)" in err
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["eval", "--drafter", "no-such-drafter"], "neither a shipped drafter"),
     (["train", "drafter", "--data", "/no/such/dir", "--out", "/tmp/x-never"], "not a training-data"),
