@@ -58,8 +58,8 @@ def add_commands(sub) -> None:
                    help="share of greedy sequences held out; held-out greedy tau is printed at "
                         "every checkpoint and saved with the drafter")
     t.add_argument("--init", default="", help="start from this trained drafter's weights "
-                   "(name or path; same flags and data vocabulary) with a fresh optimiser and "
-                   "schedule: a longer budget in stages, or fine-tuning")
+                   "and draft vocabulary (name or path; the same architecture flags) with a fresh "
+                   "optimiser and schedule: a longer budget in stages, or fine-tuning")
     t.add_argument("--model", default="", help="target checkpoint (default: the embedded model)")
     t.add_argument("--device", default="auto")
     t.add_argument("--precision", choices=PRECISIONS, default="fp32",
