@@ -95,8 +95,10 @@ def target_matrices(model: str) -> tuple[ModelConfig, torch.Tensor, torch.Tensor
     return cfg, emb, head
 
 
-def make_drafter(tc: TrainConfig, data_meta: dict, sequences, target: ModelConfig,
-                 emb: torch.Tensor, head: torch.Tensor) -> Drafter:
+def drafter_config(tc: TrainConfig, data_meta: dict, sequences, target: ModelConfig
+                   ) -> tuple[DrafterConfig, torch.Tensor]:
+    """The configuration this run trains, and its draft vocabulary [Vd] (the target ids most
+    frequent in the training answers)."""
     counts = torch.zeros(target.vocab_size)
     for s in sequences:
         counts += torch.bincount(s.tokens[s.loss_mask], minlength=target.vocab_size).float()
@@ -109,7 +111,7 @@ def make_drafter(tc: TrainConfig, data_meta: dict, sequences, target: ModelConfi
         head_rank=tc.head_rank,
         num_heads=target.num_heads, num_kv_heads=target.num_kv_heads, head_dim=target.head_dim,
         rms_norm_eps=target.rms_norm_eps, rope_theta=target.rope_theta)
-    return build_drafter(cfg, SharedVocab(emb, head, vocab_ids))
+    return cfg, vocab_ids
 
 
 def init_drafter(config: DrafterConfig, name_or_path: str, emb: torch.Tensor,
@@ -185,10 +187,12 @@ def train(tc: TrainConfig, progress: bool = True) -> Path:
         raise ValueError(f"holdout {tc.holdout} leaves no training sequences")
     target, emb, head = target_matrices(tc.model)
     torch.manual_seed(tc.seed)
-    drafter = make_drafter(tc, meta, sequences, target, emb, head)
+    config, vocab_ids = drafter_config(tc, meta, sequences, target)
     init = {}
-    if tc.init:  # its weights, unless a checkpoint below has newer ones
-        drafter, init = init_drafter(drafter.config, tc.init, emb, head)
+    if tc.init:  # its weights and vocabulary (a checkpoint below may have newer weights)
+        drafter, init = init_drafter(config, tc.init, emb, head)
+    else:
+        drafter = build_drafter(config, SharedVocab(emb, head, vocab_ids))
     model = drafter.model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=0.0, betas=(0.9, 0.95))
     out = Path(tc.out_dir)
