@@ -47,21 +47,27 @@ class SpecBenchConfig:
     check_identical: bool = True
     drafter_dir: str = ""  # drafters in drafter_dir/<method>; "" = the shipped ones
     repeats: int = 3  # passes over the prompts, the methods interleaved in each
+    prompts_file: str = ""  # JSONL of {"domain", "prompt"} instead of the held-out sets
+    cuda_graphs: bool = True  # on a GPU: replay captured graphs (False: every step eager)
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"methods must be some of {', '.join(METHODS)}, got {unknown or 'none'}")
         if self.max_tokens < 2:
             raise ValueError(f"max tokens must be >= 2 (a decode speed needs two tokens), "
                              f"got {self.max_tokens}")
 
 
 def bench_prompts(cfg: SpecBenchConfig, text, max_len: int = 1 << 30) -> list[list[int]]:
-    """Held-out chat prompts, keeping those that leave room for max_tokens within max_len."""
-    from drafters.prompts import eval_prompts
+    """Held-out chat prompts (or prompts_file's), keeping those that leave room for max_tokens
+    within max_len."""
+    from drafters.prompts import eval_prompts, read_prompts
 
-    ids = [text.apply_chat_template([{"role": "user", "content": p["prompt"]}])
-           for p in eval_prompts(cfg.prompts_per_domain)]
+    rows = read_prompts(cfg.prompts_file) if cfg.prompts_file else eval_prompts(cfg.prompts_per_domain)
+    ids = [text.apply_chat_template([{"role": "user", "content": p["prompt"]}]) for p in rows]
     return [p for p in ids if len(p) + cfg.max_tokens + 16 <= max_len]
 
 
@@ -105,14 +111,14 @@ def _core(cfg: SpecBenchConfig, method: str, dtype: str) -> EngineCore:
     drafter = f"{cfg.drafter_dir}/{method}" if cfg.drafter_dir and method != "none" else ""
     return EngineCore.from_config(EngineConfig(model=cfg.model, dtype=dtype, spec_method=method,
                                                drafter=drafter, max_num_seqs=8,
-                                               kv_cache_tokens=16384))
+                                               kv_cache_tokens=16384, cuda_graphs=cfg.cuda_graphs))
 
 
 HF = "hf_prompt_lookup"
 
 
 class HfPromptLookup:
-    """transformers generate with prompt-lookup decoding on the engine's weights and dtype."""
+    """transformers generate with prompt-lookup decoding on the engine's weights, dtype and device."""
 
     def __init__(self, cfg: SpecBenchConfig, core: EngineCore) -> None:
         from transformers import AutoModelForCausalLM
@@ -120,13 +126,14 @@ class HfPromptLookup:
         from engine.weights import resolve_checkpoint
 
         ckpt, _ = resolve_checkpoint(cfg.model)
-        self.model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=core.runner.dtype).eval()
+        self.device = core.runner.device
+        self.model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=core.runner.dtype).to(self.device).eval()
         self.eos = list(core.model_cfg.eos_token_ids)
         self.max_tokens = cfg.max_tokens
 
     def speed(self, prompt: list[int]) -> tuple[float | None, int, float]:
         """One prompt -> (decode tok/s, tokens, seconds): the prefill, timed apart, is left out."""
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=self.device)
         with torch.inference_mode():
             t0 = time.perf_counter()
             self.model.generate(ids, max_new_tokens=1, do_sample=False, eos_token_id=self.eos)

@@ -85,6 +85,11 @@ def _bench_args(sub) -> None:
     s.add_argument("--repeats", type=int, default=3, help="passes over the prompts, the methods "
                    "interleaved in each; ratios are paired within a pass")
     s.add_argument("--no-identical", action="store_true", help="skip the float32 identity check")
+    s.add_argument("--prompts", default="", help="JSONL of {\"domain\": ..., \"prompt\": ...} "
+                   "lines to use instead of the held-out sets (--per-domain is then unused)")
+    s.add_argument("--methods", default=None, help="comma-separated methods to run "
+                   "(default: none,mtp1,eagle3,dflash,dspark; the speedups need none and dspark)")
+    s.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, run every step eagerly")
     s.add_argument("--json", default=None, help="write the results here")
     a = which.add_parser("sla", help="per-user speed vs aggregate throughput under load, per method",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -116,6 +121,11 @@ def _levels(text: str) -> tuple[int, ...]:
     if not levels or min(levels) < 1:
         raise ValueError("--levels must be positive")
     return levels
+
+
+def _bench_methods(text: str | None) -> dict:
+    """--methods a,b -> {"methods": ("a", "b")}; unset -> {} (the config's default, all)."""
+    return {} if text is None else {"methods": tuple(m.strip() for m in text.split(",") if m.strip())}
 
 
 def _loadtest_args(sub) -> None:
@@ -246,9 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench" and args.bench == "spec":
             from engine.bench_spec import SpecBenchConfig, main as spec_main
 
+            if args.prompts and not os.path.isfile(args.prompts):
+                raise ValueError(f"--prompts {args.prompts!r} is not a file")
             spec_main(SpecBenchConfig(model=args.model, dtype=args.dtype, max_tokens=args.max_tokens,
                                       prompts_per_domain=args.per_domain, repeats=args.repeats,
-                                      check_identical=not args.no_identical), args.json)
+                                      check_identical=not args.no_identical,
+                                      prompts_file=args.prompts, **_bench_methods(args.methods),
+                                      cuda_graphs=not args.no_cuda_graphs), args.json)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback

@@ -70,3 +70,21 @@ def test_runs_interleave_and_ratios_pair_runs_of_the_same_turn(monkeypatch):
         SpecBenchConfig(repeats=0)
     with pytest.raises(ValueError, match="max tokens must be >= 2"):
         SpecBenchConfig(max_tokens=1)
+
+
+def test_bench_spec_runs_chosen_methods_on_a_prompts_file(tiny_llama_dir, tmp_path):
+    """--methods and --prompts: only the named engines run, on the file's prompts (a device
+    machine has neither the evaluation packages nor room to carry every drafter)."""
+    core = EngineCore.from_config(EngineConfig(model=str(tiny_llama_dir), dtype="float32"))
+    save_drafter(drafter_for(core, "dspark", "markov"), tmp_path / "drafters" / "dspark")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"domain": "chat", "prompt": "hello there"}\n\n'
+                       '{"domain": "math", "prompt": "2 + 2 = ?"}\n')
+    result = main(SpecBenchConfig(model=str(tiny_llama_dir), dtype="float32", max_tokens=6,
+                                  methods=("none", "dspark"), prompts_file=str(prompts),
+                                  drafter_dir=str(tmp_path / "drafters"), repeats=1,
+                                  check_identical=False), None)
+    assert set(result["methods"]) == {"none", "dspark"} and result["prompts"] == 2
+    assert result["speedup_c1"] > 0 and "identical" not in result
+    with pytest.raises(ValueError, match="methods must be some of"):
+        SpecBenchConfig(methods=("none", "medusa"))
