@@ -216,7 +216,7 @@ def attention_oracle(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     rep, bs = q.shape[1] // k_cache.shape[1], batch.block_size
     for t in range(q.shape[0]):
         r, p = int(batch.token_req[t]), int(batch.token_pos[t])
-        pos = torch.arange(p + 1)
+        pos = torch.arange(p + 1, device=batch.block_tables.device)
         slots = batch.block_tables[r][pos // bs] * bs + pos % bs
         k = k_cache[slots].repeat_interleave(rep, dim=1).float()  # [p+1, H, D]
         v = v_cache[slots].repeat_interleave(rep, dim=1).float()  # [p+1, H, D]

