@@ -7,6 +7,8 @@ prompts, greedy), each variant differing from `plain` in one setting:
     skip         (b) draft skipping after 2 unverified blocks (EngineConfig.draft_skip_after)
     cost         (d) the drafting time in the objective, and no drafting while it does not pay
                  (EngineConfig.draft_cost)
+    guard        (e) the draft guard: no drafting at a batch size where drafted rounds realize
+                 fewer tokens/s than plain ones, probes aside (EngineConfig.draft_guard)
     floors       (a) every request has the SLA floor F = the per-user tok/s that a quarter of
                  `plain`'s requests fell below (its p25); a request below F has its drafts'
                  survival weighted by F / its recent speed
@@ -39,7 +41,7 @@ from engine.bench_spec import closed_loop
 from engine.config import EngineConfig
 from engine.core import EngineCore, throughput_curve
 
-VARIANTS = ("plain", "skip", "cost", "floors", "plain-again")
+VARIANTS = ("plain", "skip", "cost", "guard", "floors", "plain-again")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ def _core(cfg: SchedulerBenchConfig, variant: str, floor: float = 0.0) -> Engine
         allocation="scheduler", max_num_seqs=cfg.concurrency, kv_cache_tokens=32768,
         max_num_batched_tokens=max(512, cfg.concurrency * 8), recalibrate=False,
         draft_skip_after=2 if variant == "skip" else 0, draft_cost=variant == "cost",
+        draft_guard=variant == "guard",
         sla_tps=floor if variant == "floors" else 0.0))
 
 
@@ -161,6 +164,7 @@ def _ratios(result: dict) -> None:
     v = result["engine"]["variants"]
     result["skip_aggregate_ratio"] = round(v["skip"]["aggregate_tps"] / v["plain"]["aggregate_tps"], 3)
     result["cost_aggregate_ratio"] = round(v["cost"]["aggregate_tps"] / v["plain"]["aggregate_tps"], 3)
+    result["guard_aggregate_ratio"] = round(v["guard"]["aggregate_tps"] / v["plain"]["aggregate_tps"], 3)
     result["floors_p10_ratio"] = round(v["floors"]["p10_user_tps"] / v["plain"]["p10_user_tps"], 3)
     result["floors_share_gain"] = round(v["floors"]["share_at_floor"] - v["plain"]["share_at_floor"], 3)
     result["noise_aggregate_ratio"] = round(

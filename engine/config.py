@@ -114,6 +114,8 @@ class EngineConfig:
     recalibrate: bool = True  # refit the temperatures online when acceptance drifts
     draft_cost: bool = True  # the scheduler weighs drafting time and stops drafting when it
     #                          does not pay (False: the paper's objective)
+    draft_guard: bool = True  # with the scheduler: no drafting at a batch size where drafted
+    #                           rounds realize fewer tokens/s than plain ones (engine/draft_guard.py)
     # CUDA devices: each step's forward is a CUDA graph replayed at its token count rounded up
     # to a bucket (engine/cuda_graphs.py); False runs it eagerly. CPUs always run eagerly,
     # unpadded (padding would only add work there).

@@ -17,6 +17,7 @@ from engine.allocation import AllocationPolicy, FixedLength
 from engine.messages import AddRequest, EngineInfo, EngineStats, RequestOutput, SpecDecodeStats
 from engine.model_runner import ModelRunner
 from engine.request import Request
+from engine.draft_guard import DraftGuard
 from engine.speculator import Speculator
 from engine.weights import load_model_config, load_state_dict, resolve_checkpoint
 
@@ -113,9 +114,12 @@ class EngineCore:
         """Decode speculatively with this drafter; policy defaults to verifying
         config.block_size (or the drafter's whole block) drafted tokens per request."""
         cap = self.config.block_size or drafter.gamma
-        self.spec = Speculator(drafter, policy or FixedLength(cap), cap, self.model_cfg.vocab_size,
+        policy = policy or FixedLength(cap)
+        # the guard serves the scheduler; fixed lengths stay the paper's baselines
+        guard = DraftGuard() if self.config.draft_guard and not isinstance(policy, FixedLength) else None
+        self.spec = Speculator(drafter, policy, cap, self.model_cfg.vocab_size,
                                self.model_cfg.eos_token_ids, self.max_model_len, self.runner.device,
-                               self.config.draft_skip_after)
+                               self.config.draft_skip_after, guard)
 
     # ---- requests --------------------------------------------------------------------------
     def add(self, message: AddRequest) -> RequestOutput:

@@ -45,6 +45,7 @@ import torch
 
 from engine.allocation import AllocationPolicy
 from engine.batcher import ScheduledBatch
+from engine.draft_guard import DraftGuard
 from engine.messages import SpecDecodeStats
 from engine.rejection_sampler import (StopTokens, draw_round_randoms, greedy_sample,
                                       rejection_sample, truncate_at_stop)
@@ -73,8 +74,10 @@ class RoundPlan:
     drafts: list[list[int]]  # per scheduled request: the l_r drafted tokens it sends to verify
     rows: list[int] = field(default_factory=list)  # the drafting requests, in the policy's order
     proposal: DraftOutput | None = None  # the drafter's output for `rows` (None: nobody drafted)
+    round_start: float = 0.0  # time.perf_counter() when planning began
     verify_start: float = 0.0  # time.perf_counter() when planning ended and verification began
     policy_seconds: float = 0.0  # what the policy's lengths() call took
+    guard_size: int = 0  # a plain decode round of this many requests the guard times (0: not)
 
     def draft_probs(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         """[D, V] p_d of the verified drafts, request by request (D = Σ l_r); built only for
@@ -125,7 +128,7 @@ class SpecCounters:
 class Speculator:
     def __init__(self, drafter, policy: AllocationPolicy, max_verify: int, vocab_size: int,
                  eos_token_ids: tuple[int, ...], max_model_len: int, device: torch.device,
-                 skip_after: int = 0) -> None:
+                 skip_after: int = 0, guard: DraftGuard | None = None) -> None:
         self.drafter = drafter
         self.policy = policy
         self.gamma = drafter.gamma
@@ -144,14 +147,16 @@ class Speculator:
         # the measured step time holds: the policy's lengths() call and acceptance after the
         # step's sync (~1 ms on a CPU, 3% of an 8-request step); averaged, added to d
         self.round_overhead = 0.0
+        self.guard = guard  # realized tokens/s of drafted against plain rounds (or None)
 
     def forget(self, request_id: str) -> None:
         self.drafter.remove(request_id)
 
     # ---- 1. draft and allocate -------------------------------------------------------------
     def plan(self, batch: ScheduledBatch) -> RoundPlan:
+        start = time.perf_counter()
         plan = self._draft(batch)
-        plan.verify_start = time.perf_counter()
+        plan.round_start, plan.verify_start = start, time.perf_counter()
         return plan
 
     def _draft(self, batch: ScheduledBatch) -> RoundPlan:
@@ -160,12 +165,17 @@ class Speculator:
             self._sync_context(request)
             if extra and request.num_computed_tokens > 0:
                 due.append(row)
+        # a plain decode round (no prefill rows) is the guard's to judge and time
+        guard_size = len(due) if self.guard and due and batch.total_tokens == len(due) else 0
+        if guard_size and not self.guard.pays(guard_size):
+            self._count_skips(len(due))
+            due = []
         if due and self._skips_round(len(due), batch.total_tokens - len(due)):
             due = []
         rows = [row for row in due if not self._skips(batch.requests[row])]
         drafts: list[list[int]] = [[] for _ in batch.requests]
         if not rows:
-            return RoundPlan(drafts)
+            return RoundPlan(drafts, guard_size=guard_size)
         requests = [batch.requests[r] for r in rows]
         priority = np.array([r.floor_weight(FLOOR_MAX_WEIGHT) for r in requests])  # [R] >= 1
         self.counters.num_sla_priority += int((priority > 1).sum())
@@ -190,7 +200,8 @@ class Speculator:
         tokens = out.tokens.tolist()  # [R][gamma]
         for i, row in enumerate(rows):
             drafts[row] = tokens[i][:lengths[i]]
-        return RoundPlan(drafts, rows, out, policy_seconds=time.perf_counter() - asked)
+        return RoundPlan(drafts, rows, out, policy_seconds=time.perf_counter() - asked,
+                         guard_size=guard_size)
 
     def _skips_round(self, num_requests: int, other_tokens: int = 0) -> bool:
         """Draft nobody this round (each request counts as a round that verified 0)?
@@ -324,3 +335,7 @@ class Speculator:
         # halve what a prefill round copies)
         kept = hidden[torch.tensor(rows, device=hidden.device)]
         self.drafter.extend_many(rids, tokens, kept)  # moved to the drafter's device
+        if plan.guard_size:  # each decoding request emitted its accepted drafts + 1
+            seconds = time.perf_counter() - plan.round_start
+            self.guard.observe(plan.guard_size, bool(plan.rows), seconds,
+                               plan.guard_size + sum(accepted))

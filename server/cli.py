@@ -44,6 +44,9 @@ def _serve_args(sub) -> None:
                    "temperatures even when served acceptance drifts from them")
     p.add_argument("--no-draft-cost", action="store_true", help="the paper's scheduler "
                    "objective: ignore the drafting time, and never stop drafting to save it")
+    p.add_argument("--no-draft-guard", action="store_true", help="keep drafting where the "
+                   "scheduler's model says it pays even when drafted rounds realize fewer tokens/s "
+                   "than plain ones")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run every forward eagerly on "
                    "a GPU instead of replaying CUDA graphs at bucketed token counts")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -165,6 +168,7 @@ def engine_config(args) -> EngineConfig:
         draft_skip_after=getattr(args, "draft_skip_after", 2),
         recalibrate=not getattr(args, "no_recalibrate", False),
         draft_cost=not getattr(args, "no_draft_cost", False),
+        draft_guard=not getattr(args, "no_draft_guard", False),
         cuda_graphs=not getattr(args, "no_cuda_graphs", False))
 
 

@@ -34,14 +34,14 @@ def test_bench_scheduler_fields(tiny_llama_dir, tmp_path, monkeypatch):
     for name, row in rows.items():
         assert len(row["speeds"]) == 8 and row["aggregate_tps"] > 0
         assert 0 <= row["share_at_floor"] <= 1
-        assert name in ("skip", "cost") or row["draft_skips"] == 0
+        assert name in ("skip", "cost", "guard") or row["draft_skips"] == 0
         assert name == "floors" or row["sla_priority_rounds"] == 0
     replayed = result["recalibration"]["variants"]
     assert set(replayed) == {"shipped", "shipped+online", "identity", "identity+online", "drifted",
                              "drifted+online", "oracle"}
     assert all(r["tokens_per_second"] > 0 and r["tokens_per_round"] >= 1 for r in replayed.values())
-    for key in ("skip_aggregate_ratio", "cost_aggregate_ratio", "floors_p10_ratio",
-                "online_vs_identity_theta"):
+    for key in ("skip_aggregate_ratio", "cost_aggregate_ratio", "guard_aggregate_ratio",
+                "floors_p10_ratio", "online_vs_identity_theta"):
         assert result[key] > 0
 
 

@@ -22,8 +22,10 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24)
 
 
 def make_core(model_dir, **overrides) -> EngineCore:
+    # the draft guard judges by wall time; these tests give the policies alone the say, and
+    # test_the_draft_guard_stops_drafting_that_loses turns it on
     base = dict(model=str(model_dir), dtype="float32", max_num_batched_tokens=64,
-                max_num_seqs=16, kv_cache_tokens=16384, max_model_len=256)
+                max_num_seqs=16, kv_cache_tokens=16384, max_model_len=256, draft_guard=False)
     return EngineCore.from_config(EngineConfig(**{**base, **overrides}))
 
 
@@ -219,6 +221,30 @@ class SlowPolicy(NotPayingPolicy):
 
     def drafting(self, other_tokens=0) -> bool:
         return True
+
+
+def test_the_draft_guard_stops_drafting_that_loses(tiny_llama_dir, prompts, reference):
+    """A policy that always says drafting pays but verifies nothing, and spends 20 ms per
+    drafted round: drafted rounds realize fewer tokens/s than plain ones, so the guard lets
+    only its probes draft (every PROBE_EVERY-th plain decode round at a batch size), the
+    output stays the target's, and the kept-back rounds count as skips (ℓ = 0)."""
+    core = make_core(tiny_llama_dir, draft_guard=True, draft_skip_after=0, max_num_seqs=1)
+    policy = SlowPolicy()
+    core.enable_speculation(drafter_for(core, "dspark", "markov"), policy)
+    guard = core.spec.guard
+    assert guard is not None
+    assert core.generate(prompts[:3], GREEDY) == reference[:3]
+    drafted, plain = guard.rates(1)
+    assert 0 < drafted < plain
+    spec = core.stats().spec
+    assert guard.forced_plain > 5 * len(policy.draft_seconds)  # ~15 of 16 rounds stay plain
+    assert spec.num_draft_skips >= guard.forced_plain
+    unguarded = make_core(tiny_llama_dir, draft_skip_after=0, max_num_seqs=1)
+    unguarded.enable_speculation(drafter_for(unguarded, "dspark", "markov"), SlowPolicy())
+    assert unguarded.spec.guard is None
+    fixed = make_core(tiny_llama_dir, draft_guard=True)
+    fixed.enable_speculation(drafter_for(fixed, "dspark", "markov"))  # fixed lengths: baselines
+    assert fixed.spec.guard is None
 
 
 def test_the_policys_own_time_counts_as_drafting_time(tiny_llama_dir, prompts, reference):
