@@ -148,6 +148,7 @@ class Speculator:
         # step's sync (~1 ms on a CPU, 3% of an 8-request step); averaged, added to d
         self.round_overhead = 0.0
         self.guard = guard  # realized tokens/s of drafted against plain rounds (or None)
+        self.policy_says_pays = True  # the policy's verdict in the latest _skips_round
 
     def forget(self, request_id: str) -> None:
         self.drafter.remove(request_id)
@@ -165,12 +166,15 @@ class Speculator:
             self._sync_context(request)
             if extra and request.num_computed_tokens > 0:
                 due.append(row)
-        # a plain decode round (no prefill rows) is the guard's to judge and time
+        # a plain decode round (no prefill rows) is the guard's to time; it judges only the
+        # rounds the policy says pay (its probe rounds are not drafting decisions: untimed)
         guard_size = len(due) if self.guard and due and batch.total_tokens == len(due) else 0
-        if guard_size and not self.guard.pays(guard_size):
-            self._count_skips(len(due))
-            due = []
         if due and self._skips_round(len(due), batch.total_tokens - len(due)):
+            due = []
+        elif due and guard_size and not self.policy_says_pays:
+            guard_size = 0
+        elif guard_size and not self.guard.pays(guard_size):
+            self._count_skips(len(due))
             due = []
         rows = [row for row in due if not self._skips(batch.requests[row])]
         drafts: list[list[int]] = [[] for _ in batch.requests]
@@ -206,7 +210,8 @@ class Speculator:
     def _skips_round(self, num_requests: int, other_tokens: int = 0) -> bool:
         """Draft nobody this round (each request counts as a round that verified 0)?
         other_tokens: the forward's tokens besides the decoding rows' anchors."""
-        if self.policy.drafting(other_tokens):
+        self.policy_says_pays = self.policy.drafting(other_tokens)
+        if self.policy_says_pays:
             if other_tokens == 0:  # the verdict on plain decode rounds changed
                 self.probe_every = SKIP_PROBE
         elif (self.skipped_rounds < self.probe_every - 1
