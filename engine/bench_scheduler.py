@@ -7,7 +7,7 @@ prompts, greedy), each variant differing from `plain` in one setting:
     skip         (b) draft skipping after 2 unverified blocks (EngineConfig.draft_skip_after)
     cost         (d) the drafting time in the objective, and no drafting while it does not pay
                  (EngineConfig.draft_cost)
-    guard        (e) the draft guard: no drafting at a batch size where drafted rounds realize
+    guard        (g) the draft guard: no drafting at a batch size where drafted rounds realize
                  fewer tokens/s than plain ones, probes aside (EngineConfig.draft_guard)
     floors       (a) every request has the SLA floor F = the per-user tok/s that a quarter of
                  `plain`'s requests fell below (its p25); a request below F has its drafts'

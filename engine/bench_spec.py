@@ -127,7 +127,8 @@ class HfPromptLookup:
 
         ckpt, _ = resolve_checkpoint(cfg.model)
         self.device = core.runner.device
-        self.model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=core.runner.dtype).to(self.device).eval()
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=core.runner.dtype)
+        self.model = model.to(self.device).eval()
         self.eos = list(core.model_cfg.eos_token_ids)
         self.max_tokens = cfg.max_tokens
 

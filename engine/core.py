@@ -14,10 +14,10 @@ from engine.batcher import Batcher
 from engine.config import EngineConfig, ModelConfig
 from engine.kv_cache import BlockPool, blocks_for
 from engine.allocation import AllocationPolicy, FixedLength
+from engine.draft_guard import DraftGuard
 from engine.messages import AddRequest, EngineInfo, EngineStats, RequestOutput, SpecDecodeStats
 from engine.model_runner import ModelRunner
 from engine.request import Request
-from engine.draft_guard import DraftGuard
 from engine.speculator import Speculator
 from engine.weights import load_model_config, load_state_dict, resolve_checkpoint
 

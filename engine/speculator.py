@@ -171,7 +171,7 @@ class Speculator:
         guard_size = len(due) if self.guard and due and batch.total_tokens == len(due) else 0
         if due and self._skips_round(len(due), batch.total_tokens - len(due)):
             due = []
-        elif due and guard_size and not self.policy_says_pays:
+        elif guard_size and not self.policy_says_pays:
             guard_size = 0
         elif guard_size and not self.guard.pays(guard_size):
             self._count_skips(len(due))
