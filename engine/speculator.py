@@ -78,6 +78,7 @@ class RoundPlan:
     verify_start: float = 0.0  # time.perf_counter() when planning ended and verification began
     policy_seconds: float = 0.0  # what the policy's lengths() call took
     guard_size: int = 0  # a plain decode round of this many requests the guard times (0: not)
+    backlog_seconds: float = 0.0  # context pass beyond one round's share (after a pause)
 
     def draft_probs(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         """[D, V] p_d of the verified drafts, request by request (D = Σ l_r); built only for
@@ -191,8 +192,10 @@ class Speculator:
         flushed = time.perf_counter()
         out = self.drafter.propose(ids, anchors, temps)
         conf = None if out.confidences is None else out.confidences.cpu().numpy()
-        draft_seconds = steady_draft_seconds(time.perf_counter() - flushed, flushed - start,
-                                             waiting, len(rows) * self.counters.tau())
+        propose_seconds = time.perf_counter() - flushed
+        draft_seconds = steady_draft_seconds(propose_seconds, flushed - start, waiting,
+                                             len(rows) * self.counters.tau())
+        backlog = (flushed - start) + propose_seconds - draft_seconds  # beyond one round's share
         room = [min(batch.num_lookahead[row], self.max_model_len - r.num_tokens)
                 for row, r in zip(rows, requests)]  # reserved slots, and the context limit
         other = batch.total_tokens - len(rows)  # prefill chunks and rows not drafting
@@ -205,7 +208,7 @@ class Speculator:
         for i, row in enumerate(rows):
             drafts[row] = tokens[i][:lengths[i]]
         return RoundPlan(drafts, rows, out, policy_seconds=time.perf_counter() - asked,
-                         guard_size=guard_size)
+                         guard_size=guard_size, backlog_seconds=backlog)
 
     def _skips_round(self, num_requests: int, other_tokens: int = 0) -> bool:
         """Draft nobody this round (each request counts as a round that verified 0)?
@@ -341,6 +344,6 @@ class Speculator:
         kept = hidden[torch.tensor(rows, device=hidden.device)]
         self.drafter.extend_many(rids, tokens, kept)  # moved to the drafter's device
         if plan.guard_size:  # each decoding request emitted its accepted drafts + 1
-            seconds = time.perf_counter() - plan.round_start
+            seconds = time.perf_counter() - plan.round_start - plan.backlog_seconds
             self.guard.observe(plan.guard_size, bool(plan.rows), seconds,
                                plan.guard_size + sum(accepted))

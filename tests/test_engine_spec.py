@@ -226,8 +226,8 @@ class SlowPolicy(NotPayingPolicy):
 def test_the_draft_guard_stops_drafting_that_loses(tiny_llama_dir, prompts, reference):
     """A policy that always says drafting pays but verifies nothing, and spends 20 ms per
     drafted round: drafted rounds realize fewer tokens/s than plain ones, so the guard lets
-    only its probes draft (every PROBE_EVERY-th plain decode round at a batch size), the
-    output stays the target's, and the kept-back rounds count as skips (ℓ = 0)."""
+    only its probes draft (PROBE_BURST rounds after every PROBE_EVERY-th plain decode round at
+    a batch size), the output stays the target's, and the kept-back rounds count as skips."""
     core = make_core(tiny_llama_dir, draft_guard=True, draft_skip_after=0, max_num_seqs=1)
     policy = SlowPolicy()
     core.enable_speculation(drafter_for(core, "dspark", "markov"), policy)
@@ -237,7 +237,7 @@ def test_the_draft_guard_stops_drafting_that_loses(tiny_llama_dir, prompts, refe
     drafted, plain = guard.rates(1)
     assert 0 < drafted < plain
     spec = core.stats().spec
-    assert guard.forced_plain > 5 * len(policy.draft_seconds)  # ~15 of 16 rounds stay plain
+    assert guard.forced_plain > 3 * len(policy.draft_seconds)  # 15 of every 18 rounds plain
     assert spec.num_draft_skips >= guard.forced_plain
     unguarded = make_core(tiny_llama_dir, draft_skip_after=0, max_num_seqs=1)
     unguarded.enable_speculation(drafter_for(unguarded, "dspark", "markov"), SlowPolicy())
