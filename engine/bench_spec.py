@@ -49,6 +49,7 @@ class SpecBenchConfig:
     repeats: int = 3  # passes over the prompts, the methods interleaved in each
     prompts_file: str = ""  # JSONL of {"domain", "prompt"} instead of the held-out sets
     cuda_graphs: bool = True  # on a GPU: replay captured graphs (False: every step eager)
+    draft_guard: bool = False  # the scheduler's engines with the draft guard (engine/draft_guard.py)
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
@@ -111,7 +112,8 @@ def _core(cfg: SpecBenchConfig, method: str, dtype: str) -> EngineCore:
     drafter = f"{cfg.drafter_dir}/{method}" if cfg.drafter_dir and method != "none" else ""
     return EngineCore.from_config(EngineConfig(model=cfg.model, dtype=dtype, spec_method=method,
                                                drafter=drafter, max_num_seqs=8,
-                                               kv_cache_tokens=16384, cuda_graphs=cfg.cuda_graphs))
+                                               kv_cache_tokens=16384, cuda_graphs=cfg.cuda_graphs,
+                                               draft_guard=cfg.draft_guard))
 
 
 HF = "hf_prompt_lookup"

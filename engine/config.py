@@ -114,8 +114,9 @@ class EngineConfig:
     recalibrate: bool = True  # refit the temperatures online when acceptance drifts
     draft_cost: bool = True  # the scheduler weighs drafting time and stops drafting when it
     #                          does not pay (False: the paper's objective)
-    draft_guard: bool = True  # with the scheduler: no drafting at a batch size where drafted
-    #                           rounds realize fewer tokens/s than plain ones (engine/draft_guard.py)
+    draft_guard: bool = False  # with the scheduler: no drafting at a batch size where drafted
+    #                            rounds realize fewer tokens/s than plain ones (engine/draft_guard.py;
+    #                            opt-in: on the AVX2 CPU it cost c1 3-6% in two of three A/B runs)
     # CUDA devices: each step's forward is a CUDA graph replayed at its token count rounded up
     # to a bucket (engine/cuda_graphs.py); False runs it eagerly. CPUs always run eagerly,
     # unpadded (padding would only add work there).

@@ -27,6 +27,8 @@ share (the same share steady_draft_seconds charges), and a probe's first rounds 
 the capacity and the context up to date.
 
 Deciding from past rounds alone, never from this round's drafts, keeps verification lossless.
+Opt-in (EngineConfig.draft_guard, `--draft-guard`): where the model already judges right it
+can only cost, and on the AVX2 CPU at c1, where drafting gains ~2%, its false verdicts did.
 """
 from __future__ import annotations
 

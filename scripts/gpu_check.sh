@@ -11,7 +11,7 @@
 #    no model): the Triton kernels' file compiled for CUDA, then the gpu-marked tests (no host
 #    sync in the rejection sampler, CUDA graphs against eager). b: assembles the model, collects the tests' log, then profiles the
 #    step-shaped SPS curve (issue 5), runs `bench spec` (none vs dspark + HF prompt lookup) with
-#    CUDA graphs on and off (issue 4), and answers training prompts and trains DSpark for a
+#    CUDA graphs, without and with the draft guard (issue 4), and answers training prompts and trains DSpark for a
 #    fixed wall-clock budget to read the GPU's step time against the CPU's (issue 3).
 # Every part has its own timeout; results land in $OUT (or ./gpu-out).
 set -uo pipefail
@@ -38,10 +38,11 @@ for _ in $(seq 60); do grep -q "pytest-gpu rc=" "$STASH/pytest-gpu.txt" 2>/dev/n
 cat "$STASH/gpu.txt" "$STASH/pytest-gpu.txt" > "$OUT/pytest-gpu.txt" 2>&1; echo "pytest-wait at $(( $(date +%s) - t0 )) s" >> "$OUT/times.txt"
 # issue 5: the SPS curve at the CUDA-graph buckets (cached for the benches below)
 step profile 70 python3 -m server.cli profile --json "$OUT/profile.json"
-# issue 4: none vs dspark side by side (+ HF prompt lookup on the GPU), graphs on, then off
+# issue 4: none vs dspark side by side (+ HF prompt lookup on the GPU), graphs on, then with
+# the draft guard (session 17 measured graphs off: 6.4x slower; dspark 0.78x none with graphs)
 B="python3 -m server.cli bench spec --methods none,dspark --prompts gpu-in/b/bench-prompts.jsonl --no-identical"
 step bench-graphs 120 $B --repeats 2 --json "$OUT/bench-spec-graphs.json"
-step bench-eager 90 $B --repeats 1 --no-cuda-graphs --json "$OUT/bench-spec-eager.json"
+step bench-guard 90 $B --repeats 1 --draft-guard --json "$OUT/bench-spec-guard.json"
 # issue 3: the target answers the training prompts on the GPU, then DSpark trains 40 s
 step train-data 75 python3 -m server.cli train data --prompts gpu-in/b/train-prompts.jsonl \
   --out /tmp/dspark-data --batch 192

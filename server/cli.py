@@ -44,9 +44,9 @@ def _serve_args(sub) -> None:
                    "temperatures even when served acceptance drifts from them")
     p.add_argument("--no-draft-cost", action="store_true", help="the paper's scheduler "
                    "objective: ignore the drafting time, and never stop drafting to save it")
-    p.add_argument("--no-draft-guard", action="store_true", help="keep drafting where the "
-                   "scheduler's model says it pays even when drafted rounds realize fewer tokens/s "
-                   "than plain ones")
+    p.add_argument("--draft-guard", action="store_true", help="stop drafting at a batch size "
+                   "where drafted rounds realize fewer tokens/s than plain ones, even when the "
+                   "scheduler's model says drafting pays (probes aside)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run every forward eagerly on "
                    "a GPU instead of replaying CUDA graphs at bucketed token counts")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -93,6 +93,8 @@ def _bench_args(sub) -> None:
     s.add_argument("--methods", default=None, help="comma-separated methods to run "
                    "(default: none,mtp1,eagle3,dflash,dspark; the speedups need none and dspark)")
     s.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, run every step eagerly")
+    s.add_argument("--draft-guard", action="store_true", help="dspark with the draft guard "
+                   "(as `serve --draft-guard`)")
     s.add_argument("--json", default=None, help="write the results here")
     a = which.add_parser("sla", help="per-user speed vs aggregate throughput under load, per method",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -168,7 +170,7 @@ def engine_config(args) -> EngineConfig:
         draft_skip_after=getattr(args, "draft_skip_after", 2),
         recalibrate=not getattr(args, "no_recalibrate", False),
         draft_cost=not getattr(args, "no_draft_cost", False),
-        draft_guard=not getattr(args, "no_draft_guard", False),
+        draft_guard=getattr(args, "draft_guard", False),
         cuda_graphs=not getattr(args, "no_cuda_graphs", False))
 
 
@@ -266,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                                       prompts_per_domain=args.per_domain, repeats=args.repeats,
                                       check_identical=not args.no_identical,
                                       prompts_file=args.prompts, **_bench_methods(args.methods),
-                                      cuda_graphs=not args.no_cuda_graphs), args.json)
+                                      cuda_graphs=not args.no_cuda_graphs,
+                                      draft_guard=args.draft_guard), args.json)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback

@@ -22,10 +22,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24)
 
 
 def make_core(model_dir, **overrides) -> EngineCore:
-    # the draft guard judges by wall time; these tests give the policies alone the say, and
-    # test_the_draft_guard_stops_drafting_that_loses turns it on
     base = dict(model=str(model_dir), dtype="float32", max_num_batched_tokens=64,
-                max_num_seqs=16, kv_cache_tokens=16384, max_model_len=256, draft_guard=False)
+                max_num_seqs=16, kv_cache_tokens=16384, max_model_len=256)
     return EngineCore.from_config(EngineConfig(**{**base, **overrides}))
 
 
@@ -239,7 +237,7 @@ def test_the_draft_guard_stops_drafting_that_loses(tiny_llama_dir, prompts, refe
     spec = core.stats().spec
     assert guard.forced_plain > 3 * len(policy.draft_seconds)  # 15 of every 18 rounds plain
     assert spec.num_draft_skips >= guard.forced_plain
-    unguarded = make_core(tiny_llama_dir, draft_skip_after=0, max_num_seqs=1)
+    unguarded = make_core(tiny_llama_dir, draft_skip_after=0, max_num_seqs=1)  # off by default
     unguarded.enable_speculation(drafter_for(unguarded, "dspark", "markov"), SlowPolicy())
     assert unguarded.spec.guard is None
     fixed = make_core(tiny_llama_dir, draft_guard=True)
