@@ -9,10 +9,11 @@
 #   run(command="bash scripts/gpu_check.sh b", carry=["gpu-in/b", ".whl"], timeout_s=540)
 # a: keeps the GGUF's first part in /tmp and starts the GPU tests in the background (they need
 #    no model): the Triton kernels' file compiled for CUDA, then the gpu-marked tests (no host
-#    sync in the rejection sampler, CUDA graphs against eager). b: assembles the model, collects the tests' log, then profiles the
-#    step-shaped SPS curve (issue 5), runs `bench spec` (none vs dspark + HF prompt lookup) with
-#    CUDA graphs, without and with the draft guard (issue 4), and answers training prompts and trains DSpark for a
-#    fixed wall-clock budget to read the GPU's step time against the CPU's (issue 3).
+#    sync in the rejection sampler, CUDA graphs against eager).
+# b: assembles the model, collects the tests' log, profiles the step-shaped SPS curve (issue 5),
+#    runs `bench spec` (none vs dspark + HF prompt lookup) with CUDA graphs, without and with
+#    the draft guard (issue 4), then answers training prompts and trains DSpark for a fixed
+#    wall-clock budget to read the GPU's step time against the CPU's (issue 3).
 # Every part has its own timeout; results land in $OUT (or ./gpu-out).
 set -uo pipefail
 PART=${1:?usage: gpu_check.sh a|b}
