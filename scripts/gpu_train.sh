@@ -8,7 +8,7 @@
 # then each drafter of DRAFTERS trains TRAIN_S seconds of wall clock (`--minutes`: the same budget
 # for each, the schedule annealed over it) at SEQS sequences a step, DSpark's head at rank 256,
 # bf16 autocast. Session 17 measured the GPU at 0.16 s a step of 32 sequences against 1.8-3.0 s a
-# step of 8 on one CPU thread (~45x a sequence); 128 a step ran 0.53 s (host-bound: fewer
+# step of 8 on one CPU thread (~45x a sequence); 128 a step ran 0.53 s (likely host-bound: fewer
 # optimiser steps for 1.27x the sequences); 1,536 prompts answered in 94 s.
 # Time: ~40 s model conversion + ~100 s data + per drafter TRAIN_S + ~17 s start, under 600 s.
 # Out ($OUT): the trained drafters (no checkpoints) as one tar in 15 MiB parts (a file over 16 MiB
