@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Drafter training data and training on the device machine (issue 3: "if your session has a
-# GPU, train there too"). Prepare as for gpu_check.sh (TRAIN_PER_DOMAIN=512 bash
-# scripts/gpu_pack.sh; the no-weights branch), then in one lease, back to back:
+# GPU, train there too"). Prepare as for gpu_check.sh (bash scripts/gpu_pack.sh, which writes
+# 512 training prompts a domain; the no-weights branch), then in one lease, back to back:
 #   run(command="bash scripts/gpu_check.sh a", carry=["gpu-in/a"], timeout_s=120)
 #   run(command="bash scripts/gpu_train.sh", carry=["gpu-in/b", ".whl"], timeout_s=600)
 # The target answers gpu-in/b/train-prompts.jsonl on the GPU (batch 256; features cached in /tmp),
