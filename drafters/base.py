@@ -63,10 +63,16 @@ class ContextCache:
     # committed entries not computed yet: (tokens [m], features [m, n_layers, d]) in order
     pending: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     num_pending: int = 0
+    # with CUDA graphs (drafters/graphs.py) the k/v live in a row of preallocated slot storage
+    # instead of kv/ctx: the slot's index and the entries written to it
+    slot: int | None = None
+    slot_length: int = 0
 
     @property
     def length(self) -> int:
-        """Computed entries (k/v and ctx exist for them)."""
+        """Computed entries (k/v, and ctx where it is kept, exist for them)."""
+        if self.slot is not None:
+            return self.slot_length
         return 0 if self.ctx is None else self.ctx.shape[0]
 
 
@@ -159,7 +165,9 @@ class Drafter(ABC):
     def rollback(self, rid: str, num_tokens: int) -> None:
         cache = self.caches[rid]
         self._flush([cache])
-        if num_tokens < cache.length:
+        if num_tokens < cache.length and cache.slot is not None:
+            cache.slot_length = num_tokens  # later writes overwrite the rest of the slot
+        elif num_tokens < cache.length:
             cache.kv = [(k[:num_tokens], v[:num_tokens]) for k, v in cache.kv]
             cache.ctx = cache.ctx[:num_tokens]
 
@@ -178,19 +186,21 @@ class Drafter(ABC):
         return self._propose(caches, anchors.to(dev), temps,
                              None if forced is None else forced.to(dev))
 
-    def sample(self, logits: torch.Tensor, temperatures: torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, logits: torch.Tensor, temperatures: torch.Tensor | None,
+               race: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """logits: [R, Vd] -> (draft-vocab index [R], p_d [R, Vd]).
         p_d = softmax(logits / T); greedy rows (T = 0) take the argmax and report p_d one-hot.
-        Sampling is the exponential race argmax p_i / E_i, E_i ~ Exp(1).
-        temperatures None: every row is greedy."""
+        Sampling is the exponential race argmax p_i / E_i, E_i ~ Exp(1): race [R, Vd] holds the
+        E_i when given (CUDA graphs draw them before a replay), else they come from the
+        drafter's generator. temperatures None: every row is greedy."""
         if temperatures is None:
             index = logits.argmax(-1)  # [R]
             return index, torch.zeros_like(logits).scatter_(1, index[:, None], 1.0)
         greedy = temperatures == 0  # [R]
         t = torch.where(greedy, 1.0, temperatures)[:, None]
         probs = torch.softmax(logits / t, dim=-1)  # [R, Vd]
-        race = torch.empty_like(probs).exponential_(generator=self.generator)
+        if race is None:
+            race = torch.empty_like(probs).exponential_(generator=self.generator)
         index = torch.where(greedy, logits.argmax(-1), (probs / race).argmax(-1))  # [R]
         one_hot = torch.zeros_like(probs).scatter_(1, index[:, None], 1.0)
         return index, torch.where(greedy[:, None], one_hot, probs)

@@ -70,14 +70,18 @@ class DraftLayer(nn.Module):
         return rotary(k, positions, self.cfg.rope_theta), v
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, ctx_k: torch.Tensor,
-                ctx_v: torch.Tensor, groups: list[Group]) -> tuple[torch.Tensor, tuple]:
+                ctx_v: torch.Tensor, groups: list[Group] | torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """h: [Q, d] draft states at positions [Q]; ctx_k/ctx_v: [C, Hkv, D] context entries.
+        groups a tensor instead: lens [N] of N equal open blocks (Q = N·g) whose contexts come
+        padded, ctx_k/ctx_v [N, L, Hkv, D] (CUDA graphs: drafters/graphs.py).
         Returns (new h [Q, d], (k, v) [Q, Hkv, D] of the draft rows, for chains that keep them)."""
         x = self.input_norm(h)
         q = rotary(self.q_proj(x).view(h.shape[0], self.cfg.num_heads, -1), positions,
                    self.cfg.rope_theta)  # [Q, H, D]
         k, v = self.kv(x, positions)  # [Q, Hkv, D]
-        if _equal_open_blocks(groups):
+        if isinstance(groups, torch.Tensor):
+            out = attend_padded(q, k, v, ctx_k, ctx_v, groups)
+        elif _equal_open_blocks(groups):
             out = _attend_blocks(q, k, v, ctx_k, ctx_v, groups)
         else:
             out = torch.empty_like(q)
@@ -104,17 +108,26 @@ def _attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_k: tor
                    ctx_v: torch.Tensor, groups: list[Group]) -> torch.Tensor:
     """Every block in one attention call: q [N·g, H, D], k/v [N·g, Hkv, D] of N blocks, each
     seeing its own context rows of ctx_k/ctx_v [C, Hkv, D] and its whole block. Contexts are
-    padded to the longest, L, and the padding masked out:
-        keys_i = [ctx_i; pad; block_i]  [L + g],   visible = [j < len_i] + [True]·g
-    -> [N·g, H, D], the per-group loop's result."""
-    n, g, dev = len(groups), groups[0].q_rows.stop, q.device
+    padded to the longest, L (attend_padded) -> [N·g, H, D], the per-group loop's result."""
+    dev = q.device
     starts = torch.tensor([grp.ctx_rows.start for grp in groups], device=dev)  # [N]
     lens = torch.tensor([grp.ctx_rows.stop - grp.ctx_rows.start for grp in groups], device=dev)
     pos = torch.arange(int(lens.max()), device=dev)  # [L]
-    valid = pos[None, :] < lens[:, None]  # [N, L]
-    idx = torch.where(valid, starts[:, None] + pos[None, :], 0)  # [N, L] rows of ctx
-    keys = torch.cat([ctx_k[idx], k.view(n, g, *k.shape[1:])], dim=1)  # [N, L + g, Hkv, D]
-    values = torch.cat([ctx_v[idx], v.view(n, g, *v.shape[1:])], dim=1)
+    idx = torch.where(pos[None, :] < lens[:, None], starts[:, None] + pos[None, :], 0)  # [N, L]
+    return attend_padded(q, k, v, ctx_k[idx], ctx_v[idx], lens)
+
+
+def attend_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_k: torch.Tensor,
+                  ctx_v: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """N open blocks of g queries: q [N·g, H, D], k/v [N·g, Hkv, D]; block i sees the first
+    lens[i] rows of its padded context ctx_k/ctx_v [N, L, Hkv, D] and its whole block:
+        keys_i = [ctx_i; block_i]  [L + g],   visible = [j < lens_i]·L + [True]·g
+    -> [N·g, H, D]. Shapes depend on N, L and g only (no host sync: CUDA graphs replay it)."""
+    n, length = ctx_k.shape[:2]
+    g = q.shape[0] // n
+    valid = torch.arange(length, device=q.device)[None, :] < lens[:, None]  # [N, L]
+    keys = torch.cat([ctx_k, k.view(n, g, *k.shape[1:])], dim=1)  # [N, L + g, Hkv, D]
+    values = torch.cat([ctx_v, v.view(n, g, *v.shape[1:])], dim=1)
     visible = torch.cat([valid, valid.new_ones(n, g)], dim=1)[:, None, None, :]  # [N, 1, 1, L+g]
     out = F.scaled_dot_product_attention(
         q.view(n, g, *q.shape[1:]).transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),

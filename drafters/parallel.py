@@ -15,6 +15,7 @@ from torch import nn
 
 from drafters.base import ContextCache, Drafter, DraftOutput, append_cache, cat_caches
 from drafters.config import DrafterConfig
+from drafters.graphs import DraftGraphConfig, DraftGraphRunner
 from drafters.heads import SequentialHead
 from drafters.layers import DraftLayer, FeatureFusion, Group, RMSNorm
 from drafters.packing import PackedBatch
@@ -98,7 +99,27 @@ class ParallelDrafterModel(nn.Module):
 
 
 class ParallelDrafter(Drafter):
-    """Drafter interface over ParallelDrafterModel: one backbone pass, then the head per position."""
+    """Drafter interface over ParallelDrafterModel: one backbone pass, then the head per position.
+    With use_graphs() its contexts live in preallocated slots and proposals run padded to
+    bucketed shapes, replayed as CUDA graphs on a GPU (drafters/graphs.py)."""
+
+    graphs: DraftGraphRunner | None = None
+
+    def use_graphs(self, config: DraftGraphConfig) -> None:
+        """Slot storage and padded proposals from now on; call after to(), before any add()."""
+        if self.caches:
+            raise RuntimeError("use_graphs() must come before any request is added")
+        self.graphs = DraftGraphRunner(self, config)
+
+    def add(self, rid: str) -> None:
+        super().add(rid)
+        if self.graphs is not None:
+            self.caches[rid].slot = self.graphs.acquire()
+
+    def remove(self, rid: str) -> None:
+        cache = self.caches.pop(rid, None)
+        if cache is not None and cache.slot is not None:
+            self.graphs.release(cache.slot)
 
     def _extend(self, cache: ContextCache, tokens: torch.Tensor, features: torch.Tensor) -> None:
         self._extend_many([cache], [tokens], features)
@@ -110,6 +131,9 @@ class ParallelDrafter(Drafter):
         positions = torch.cat([torch.arange(c.length, c.length + m) for c, m in zip(caches, sizes)])
         ctx = self.model.fusion(features)  # [Σm, d]
         kv = [layer.kv(ctx, positions.to(ctx.device)) for layer in self.model.layers]  # 2 x [Σm, Hkv, D]
+        if self.graphs is not None:  # slots keep k/v only: no parallel drafter reads ctx back
+            self.graphs.write(caches, sizes, kv)
+            return
         start = 0
         for cache, m in zip(caches, sizes):
             rows = slice(start, start + m)
@@ -118,6 +142,10 @@ class ParallelDrafter(Drafter):
 
     def _propose(self, caches: list[ContextCache], anchors: torch.Tensor,
                  temperatures: torch.Tensor | None, forced: torch.Tensor | None) -> DraftOutput:
+        if self.graphs is not None:
+            if forced is not None:
+                raise ValueError("forced drafts run on the eager path (no use_graphs())")
+            return self.graphs.propose(caches, anchors, temperatures)
         g, model = self.gamma, self.model
         ctx_kv, rows = cat_caches(caches, len(model.layers))
         groups = [Group(slice(r * g, (r + 1) * g), rows[r], None) for r in range(len(caches))]

@@ -115,6 +115,13 @@ class EngineCore:
         config.block_size (or the drafter's whole block) drafted tokens per request."""
         cap = self.config.block_size or drafter.gamma
         policy = policy or FixedLength(cap)
+        if self.runner.graphs is not None and getattr(drafter, "graphs", False) is None:
+            # CUDA graphs for the target: a parallel drafter's proposals replay too (its
+            # `graphs` is None until then; other drafters have none and stay eager)
+            from drafters.graphs import DraftGraphConfig
+
+            drafter.use_graphs(DraftGraphConfig.for_engine(self.config.max_num_seqs,
+                                                           self.max_model_len))
         # the guard serves the scheduler; fixed lengths stay the paper's baselines
         guard = DraftGuard() if self.config.draft_guard and not isinstance(policy, FixedLength) else None
         self.spec = Speculator(drafter, policy, cap, self.model_cfg.vocab_size,

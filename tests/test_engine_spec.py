@@ -346,7 +346,9 @@ def test_drafter_runs_on_the_engines_gpu(tiny_llama_dir, prompts, method, head):
     core.enable_speculation(drafter)
     assert next(drafter.model.parameters()).is_cuda
     assert core.generate(prompts[:8], GREEDY) == want
-    assert all(k.is_cuda for c in drafter.caches.values() for k, _ in c.kv) or not drafter.caches
+    assert not drafter.caches
+    if method == "dspark":  # the engine's CUDA graphs put its contexts in slots on the GPU
+        assert drafter.graphs.capture and all(k.is_cuda for k, _ in drafter.graphs.kv)
 
 
 def test_steady_drafting_time_counts_only_one_rounds_share_of_a_context_backlog():
