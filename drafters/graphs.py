@@ -164,9 +164,13 @@ class DraftGraphRunner:
         key = (self.config.batch_bucket(r), self.config.context_bucket(max(c.length for c in caches)),
                temperatures is not None)
         self._load(caches, anchors, temperatures, key[0])
-        if self.capture:
-            if key not in self.graphs:
+        if self.capture and key not in self.graphs:
+            try:
                 self.graphs[key] = self._capture(key)
+            except RuntimeError as exc:  # serve on, eagerly, rather than fail the round
+                log.warning("capturing the drafter's CUDA graph failed (%s); it runs eagerly", exc)
+                self.capture = False
+        if self.capture:
             graph, outputs = self.graphs[key]
             graph.replay()
         else:

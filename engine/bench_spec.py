@@ -32,6 +32,7 @@ import torch
 from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.messages import AddRequest, SamplingParams
+from engine.speculator import RoundTimes
 
 METHODS = ("none", "mtp1", "eagle3", "dflash", "dspark")
 PAIRED = ("dspark", "none")  # the speedups' two: back to back in every c8 pass (run_order)
@@ -224,9 +225,15 @@ def bench_spec(cfg: SpecBenchConfig) -> dict:
                    for m, core in cores.items()}
         if "none" in cores:
             runners[HF] = HfPromptLookup(cfg, cores["none"]).speed
-        c1, c8 = run_c1(cfg, runners, prompts), run_c8(cfg, cores, prompts)
+        times = {m: [round_times(core)] for m, core in cores.items()}  # resets after warm-up
+        c1 = run_c1(cfg, runners, prompts)
+        times = {m: [round_times(core)] for m, core in cores.items()}
+        c8 = run_c8(cfg, cores, prompts)
         for method, core in cores.items():
+            times[method].append(round_times(core))
             row = {"c1": _c1_figures(c1[method]), "c8": _c8_figures(c8[method])}
+            if core.spec is not None:
+                row["round_ms"] = dict(zip(("c1", "c8"), times[method]))
             spec = core.stats().spec
             if spec.num_drafts:
                 row["mean_acceptance_length"] = round(1 + spec.num_accepted_tokens / spec.num_drafts, 3)
@@ -240,6 +247,16 @@ def bench_spec(cfg: SpecBenchConfig) -> dict:
     if cfg.check_identical:
         result.update(check_identical(cfg, prompts))
     return result
+
+
+def round_times(core: EngineCore) -> dict | None:
+    """The speculator's mean round by phase in ms since the last call, drafted rounds and
+    plain ones apart (engine/speculator.py RoundTimes); starts the next count. None: no spec."""
+    if core.spec is None:
+        return None
+    out = {kind: t.means_ms() for kind, t in core.spec.times.items()}
+    core.spec.times = {kind: RoundTimes() for kind in core.spec.times}
+    return out
 
 
 def _c1_figures(runs: dict) -> dict:
@@ -287,6 +304,13 @@ def print_table(result: dict) -> None:
               f"{row['c8']['aggregate_tps']:>15.1f} {tau:>6.2f}")
     if "hf_prompt_lookup" in result:
         print(f"{'HF lookup':>10} {result['hf_prompt_lookup']['c1']['per_user_tps']:>14.1f}")
+    for name, row in result["methods"].items():  # where a speculative round's time goes
+        for level, kinds in row.get("round_ms", {}).items():
+            for kind, t in kinds.items():
+                if t["rounds"]:
+                    print(f"{name} {level} {kind} rounds ({t['rounds']}), ms: " + ", ".join(
+                        f"{k} {t[k]:.2f}" for k in ("context", "propose", "policy", "verify",
+                                                    "finish", "total")))
     for key in ("speedup_c1", "speedup_c8", "aggregate_ratio_c8", "vs_hf_prompt_lookup_c1", "identical"):
         if key in result:
             print(f"{key}: {result[key]}")

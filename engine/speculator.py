@@ -79,6 +79,9 @@ class RoundPlan:
     policy_seconds: float = 0.0  # what the policy's lengths() call took
     guard_size: int = 0  # a plain decode round of this many requests the guard times (0: not)
     backlog_seconds: float = 0.0  # context pass beyond one round's share (after a pause)
+    context_seconds: float = 0.0  # the drafter's context pass (flush) this round
+    propose_seconds: float = 0.0  # proposing, until the confidences reached the host
+    synced: float = 0.0  # time.perf_counter() when acceptance had the step's tokens on the host
 
     def draft_probs(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         """[D, V] p_d of the verified drafts, request by request (D = Σ l_r); built only for
@@ -87,6 +90,36 @@ class RoundPlan:
             return torch.zeros(0, vocab_size, device=device)
         lengths = [len(self.drafts[row]) for row in self.rows]
         return self.proposal.verified_probs(lengths, vocab_size).to(device)
+
+
+@dataclass
+class RoundTimes:
+    """Seconds of the speculator's rounds by phase, summed over rounds of one kind (drafted
+    or not); `dspark bench spec` reports the means. On a GPU a phase ends at its host sync:
+    proposing at the confidences' copy, verification at acceptance's tokens."""
+
+    rounds: int = 0
+    context: float = 0.0  # the drafter's context pass
+    propose: float = 0.0  # the drafter's proposal
+    policy: float = 0.0  # the allocation policy's lengths() call
+    verify: float = 0.0  # planning's end to acceptance's sync: the target's forward, sampling
+    finish: float = 0.0  # after that sync: acceptance's bookkeeping and the drafter's commit
+
+    def add(self, plan: RoundPlan, done: float) -> None:
+        self.rounds += 1
+        self.context += plan.context_seconds
+        self.propose += plan.propose_seconds
+        self.policy += plan.policy_seconds
+        self.verify += plan.synced - plan.verify_start
+        self.finish += done - plan.synced
+
+    def means_ms(self) -> dict:
+        """Milliseconds a round, by phase (and their sum), with the count of rounds."""
+        n = max(self.rounds, 1)
+        phases = {k: 1e3 * getattr(self, k) / n
+                  for k in ("context", "propose", "policy", "verify", "finish")}
+        return {"rounds": self.rounds, **{k: round(v, 3) for k, v in phases.items()},
+                "total": round(sum(phases.values()), 3)}
 
 
 @dataclass
@@ -150,6 +183,7 @@ class Speculator:
         self.round_overhead = 0.0
         self.guard = guard  # realized tokens/s of drafted against plain rounds (or None)
         self.policy_says_pays = True  # the policy's verdict in the latest _skips_round
+        self.times = {"drafted": RoundTimes(), "plain": RoundTimes()}  # rounds by phase
 
     def forget(self, request_id: str) -> None:
         self.drafter.remove(request_id)
@@ -208,7 +242,8 @@ class Speculator:
         for i, row in enumerate(rows):
             drafts[row] = tokens[i][:lengths[i]]
         return RoundPlan(drafts, rows, out, policy_seconds=time.perf_counter() - asked,
-                         guard_size=guard_size, backlog_seconds=backlog)
+                         guard_size=guard_size, backlog_seconds=backlog,
+                         context_seconds=flushed - start, propose_seconds=propose_seconds)
 
     def _skips_round(self, num_requests: int, other_tokens: int = 0) -> bool:
         """Draft nobody this round (each request counts as a round that verified 0)?
@@ -268,7 +303,7 @@ class Speculator:
             n_emit, n_acc = [1] * len(due), [0] * len(due)
         else:
             token_rows, n_emit, n_acc = self._sample(requests, due, plan, logits, counts)
-        synced = time.perf_counter()
+        synced = plan.synced = time.perf_counter()
         if hasattr(self.policy, "observe_step"):  # the step's cost, synced by tolist() above
             drafts = sum(map(len, plan.drafts))
             self.policy.observe_step(batch.total_tokens + drafts,
@@ -343,6 +378,8 @@ class Speculator:
         # halve what a prefill round copies)
         kept = hidden[torch.tensor(rows, device=hidden.device)]
         self.drafter.extend_many(rids, tokens, kept)  # moved to the drafter's device
+        if plan.synced:  # a round whose next tokens were due (not a prefill-only step)
+            self.times["drafted" if plan.rows else "plain"].add(plan, time.perf_counter())
         if plan.guard_size:  # each decoding request emitted its accepted drafts + 1
             seconds = time.perf_counter() - plan.round_start - plan.backlog_seconds
             self.guard.observe(plan.guard_size, bool(plan.rows), seconds,

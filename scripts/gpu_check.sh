@@ -11,8 +11,10 @@
 #    no model): the Triton kernels' file compiled for CUDA, then the gpu-marked tests (no host
 #    sync in the rejection sampler, CUDA graphs against eager).
 # b: assembles the model, collects the tests' log, profiles the step-shaped SPS curve (issue 5),
-#    and runs `bench spec` (none vs dspark + HF prompt lookup) with CUDA graphs, without and
-#    with the draft guard (issue 4). GPU training (issue 3) is gpu_train.sh's, in its own lease.
+#    and runs `bench spec` (none vs dspark + HF prompt lookup) with CUDA graphs (the target's
+#    and, since session 18, the drafter's), without and with the draft guard (issue 4); each
+#    prints where a dspark round's time goes (ms by phase). GPU training (issue 3) is
+#    gpu_train.sh's, in its own lease.
 # Every part has its own timeout; results land in $OUT (or ./gpu-out).
 set -uo pipefail
 PART=${1:?usage: gpu_check.sh a|b}
@@ -25,7 +27,7 @@ if [ "$PART" = a ]; then
   # the Triton kernels' tests (compiled for CUDA here, not interpreted), then the gpu-marked ones
   setsid bash -c "P='timeout 200 python3 -m pytest -q -p no:cacheprovider --durations=5'
     \$P tests/test_triton_attention.py > $STASH/pytest-gpu.txt 2>&1; echo \"pytest rc=\$?\" >> $STASH/pytest-gpu.txt
-    \$P -m gpu tests/test_rejection_sampler.py tests/test_cuda_graphs.py tests/test_engine_spec.py \
+    \$P -m gpu tests/test_rejection_sampler.py tests/test_cuda_graphs.py tests/test_engine_spec.py tests/test_drafter_graphs.py \
       >> $STASH/pytest-gpu.txt 2>&1; echo \"pytest-gpu rc=\$?\" >> $STASH/pytest-gpu.txt" \
     < /dev/null > /dev/null 2>&1 &
   sleep 5; cat "$STASH/gpu.txt"; ls -la "$STASH"

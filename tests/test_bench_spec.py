@@ -32,7 +32,14 @@ def test_bench_spec_reports_speedups_and_identity(tiny_llama_dir, tmp_path, caps
     assert set(saved["methods"]) == {"none", "mtp1", "eagle3", "dflash", "dspark"}
     assert saved["methods"]["dspark"]["c8"]["aggregate_tps"] > 0
     assert saved["repeats"] == 2
-    assert "speedup_c1" in capsys.readouterr().out
+    for level in ("c1", "c8"):  # where a round's time goes, warm-up left out
+        drafted = saved["methods"]["dspark"]["round_ms"][level]["drafted"]
+        phases = [drafted[k] for k in ("context", "propose", "policy", "verify", "finish")]
+        assert drafted["rounds"] > 0 and min(phases) >= 0 and drafted["propose"] > 0
+        assert drafted["total"] == pytest.approx(sum(phases), abs=0.01)
+    assert "round_ms" not in saved["methods"]["none"]
+    printed = capsys.readouterr().out
+    assert "speedup_c1" in printed and "dspark c8 drafted rounds" in printed
 
 
 def test_runs_interleave_and_ratios_pair_runs_of_the_same_turn(monkeypatch):

@@ -118,6 +118,22 @@ def test_slots_grow_and_large_batches_run_in_chunks():
                          padded.propose(ids, anchors, torch.zeros(5)))
 
 
+def test_a_failed_capture_falls_back_to_the_padded_code(monkeypatch, caplog):
+    cfg = DraftGraphConfig((1, 2), context_len=64, num_slots=2, capture=False)
+    eager, padded = twins("dspark", "markov", cfg)
+    padded.graphs.capture = True  # as on CUDA; the capture itself fails
+
+    def fail(key):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(padded.graphs, "_capture", fail)
+    s = tiny_sequence(0, 20, 2, 71)
+    feed((eager, padded), "a", s, [19])
+    assert_same_proposal(eager.propose(["a"], s.tokens[19:20], torch.zeros(1)),
+                         padded.propose(["a"], s.tokens[19:20], torch.zeros(1)))
+    assert not padded.graphs.capture and "runs eagerly" in caplog.text
+
+
 def test_a_context_longer_than_a_slot_is_refused():
     cfg = DraftGraphConfig((1,), context_len=16, num_slots=1, capture=False)
     _, padded = twins("dflash", "none", cfg)

@@ -359,3 +359,15 @@ def test_steady_drafting_time_counts_only_one_rounds_share_of_a_context_backlog(
     assert steady_draft_seconds(0.05, 0.2, 400, 48.0) == pytest.approx(0.074)
     assert steady_draft_seconds(0.05, 0.01, 20, 48.0) == pytest.approx(0.06)  # no backlog
     assert steady_draft_seconds(0.05, 0.0, 0, 48.0) == 0.05  # nothing waited
+
+
+def test_round_times_sum_phases_by_hand():
+    from engine.speculator import RoundPlan, RoundTimes
+
+    t = RoundTimes()
+    plan = RoundPlan([[]], verify_start=10.0, policy_seconds=0.001, context_seconds=0.002,
+                     propose_seconds=0.003, synced=10.020)
+    t.add(plan, 10.024)
+    t.add(RoundPlan([[]], verify_start=20.0, synced=20.010), 20.012)
+    assert t.means_ms() == {"rounds": 2, "context": 1.0, "propose": 1.5, "policy": 0.5,
+                            "verify": 15.0, "finish": 3.0, "total": 21.0}
