@@ -30,6 +30,7 @@ from kernels.cpu_gemm import Linear
 log = logging.getLogger("dspark.drafters")
 
 FLUSH_TOKENS = 64  # context entries a request may have waiting before they are computed anyway
+HALF_ROWS = 64  # rows up to which float16 CPU images multiply (set_cpu_gemms)
 
 
 @dataclass
@@ -241,13 +242,20 @@ def set_cpu_gemms(model: nn.Module, on: bool, dtype: torch.dtype = torch.float32
     """Inference GEMMs of a drafter through CPU images (kernels/cpu_gemm.py) when `on`.
     float32: its own layers in packed float32, the shared LM head through its exact fp16 image
     where there is one; drafts stay the drafter's own computation (float32 math, summation
-    order aside). bfloat16 (CPUs with native bf16): every GEMM through a prepacked bf16 image,
-    float32 in and out; at the 56 rows of 8 requests' blocks they took about half the time
-    (the 8,192-row LM head 1.35 ms against 2.65). Drafts are proposals, so either is lossless.
+    order aside). float16 (what the engine uses on CPUs without native bf16): as float32,
+    but up to HALF_ROWS rows its own layers multiply through fp16 images of their weights,
+    rounded to 11 bits, half the bytes: at one request a proposal took 22% less time on an
+    AVX2 CPU (8 requests: 13%). bfloat16 (CPUs with native bf16): every GEMM through a
+    prepacked bf16 image, float32 in and out; at the 56 rows of 8 requests' blocks they took
+    about half the time (the 8,192-row LM head 1.35 ms against 2.65). Drafts are proposals,
+    so any of these is lossless.
     Off (or where this torch build cannot pack): plain GEMMs on the model's own weights."""
+    half_rows = HALF_ROWS if dtype == torch.float16 else 0
     try:
         for module in model.modules():
-            if on and isinstance(module, (Linear, SharedVocab)):
+            if on and isinstance(module, Linear):
+                module.pack_for_cpu(half_rows=half_rows, dtype=dtype)
+            elif on and isinstance(module, SharedVocab):
                 module.pack_for_cpu(dtype=dtype)
     except (RuntimeError, AttributeError, NotImplementedError) as exc:  # no oneDNN/fbgemm here
         log.warning("CPU weight packing unavailable for the drafter (%s)", exc)

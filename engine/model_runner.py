@@ -102,9 +102,11 @@ class ModelRunner:
 
     @property
     def cpu_gemm_dtype(self) -> torch.dtype:
-        """The dtype of the target's CPU GEMM images, which the drafter beside it packs its own
-        in (bfloat16 where the CPU multiplies it natively, float32 else)."""
-        return torch.bfloat16 if self.cpu_gemms == "bf16-packed" else torch.float32
+        """The dtype the drafter beside the target packs its CPU GEMM images in
+        (drafters/base.py set_cpu_gemms): bfloat16 where the CPU multiplies it natively, as the
+        target does; else float16, fp16 images of the drafter's own weights, rounded (the
+        target keeps exact float32 math; a drafter's proposals may round)."""
+        return torch.bfloat16 if self.cpu_gemms == "bf16-packed" else torch.float16
 
     def _prepare_cpu_kernels(self) -> torch.dtype:
         """Pick CPU GEMM paths (see kernels/cpu_gemm.py); returns the KV cache dtype: float32

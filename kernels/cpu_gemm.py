@@ -36,30 +36,36 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def fp16_exact_shift(w: torch.Tensor) -> int | None:
+def fp16_exact_shift(w: torch.Tensor, exact: bool = True) -> int | None:
     """The k that puts max|w|·2^k just under fp16's largest finite value, if every element of
-    w·2^k is then exactly an fp16 number; None otherwise. w: float32, any shape."""
+    w·2^k is then exactly an fp16 number (or whatever it rounds to, exact=False); None
+    otherwise. w: float32, any shape."""
     top = w.abs().max().item() if w.numel() else 0.0
     if not math.isfinite(top):
         return None
     k = 0 if top == 0 else math.floor(math.log2(torch.finfo(torch.float16).max / top))
     scaled = w * 2.0 ** k
-    return k if torch.equal(scaled.half().float(), scaled) else None
+    return k if not exact or torch.equal(scaled.half().float(), scaled) else None
 
 
 class CpuGemm:
     def __init__(self, w: torch.Tensor, rows_hint: int = 64, half_rows: int = 0,
                  dtype: torch.dtype = torch.float32) -> None:
         """w: [N, K] (any float dtype, on the CPU), packed in `dtype` (float32, or bfloat16 on a
-        CPU that multiplies it natively; no fp16 image then). Raises RuntimeError where this
-        torch build has no oneDNN packing (the caller keeps F.linear then)."""
+        CPU that multiplies it natively; no fp16 image then). float16: float32, with the fp16
+        image made even where it is not exact, w rounded to fp16's 11 bits (drafters only:
+        their proposals may round, the target's weights may not). Raises RuntimeError where
+        this torch build has no oneDNN packing (the caller keeps F.linear then)."""
+        rounded = dtype == torch.float16
+        dtype = torch.float32 if rounded else dtype
         w = w.detach().to(dtype)
         self.dtype = dtype
         self.out_features = w.shape[0]
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w, rows_hint)  # opaque oneDNN
         self.half: torch.Tensor | None = None  # opaque fbgemm fp16 image of w·2^half_shift
         self.half_rows, self.half_shift = 0, 0
-        shift = fp16_exact_shift(w) if half_rows > 0 and dtype == torch.float32 else None
+        shift = (fp16_exact_shift(w, exact=not rounded)
+                 if half_rows > 0 and dtype == torch.float32 else None)
         if shift is not None:
             self.half = torch.ops.quantized.linear_prepack_fp16(w * 2.0 ** shift, None)
             self.half_rows, self.half_shift = half_rows, shift

@@ -365,6 +365,33 @@ def test_bf16_images_draft_what_float32_drafts_within_bf16_rounding() -> None:
     torch.testing.assert_close(b16.confidences, f32.confidences, atol=3e-2, rtol=0)
 
 
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
+                    reason="needs fbgemm's fp16 GEMM")
+def test_fp16_images_draft_what_float32_drafts_within_fp16_rounding() -> None:
+    """Beside a target that keeps float32 GEMMs (CPUs without native bf16) the drafter packs
+    its own layers as fp16 images, rounded (Drafter.to(cpu, float16)): up to HALF_ROWS rows
+    they multiply through them, and its draft distributions stay within fp16 rounding of the
+    float32 images'."""
+    drafter = build_drafter(tiny_config("dspark", "rnn"), tiny_vocab())
+    randomize(drafter.model, 8)
+    g = torch.Generator().manual_seed(4)
+    tokens, features = torch.randint(0, V, (9,), generator=g), torch.randn(9, N_FEAT, D, generator=g)
+    forced = torch.randint(0, V, (1, 4), generator=g)
+    outs = {}
+    for dtype in (torch.float32, torch.float16):
+        drafter.to("cpu", dtype)
+        linears = [m for m in drafter.model.modules() if isinstance(m, Linear)]
+        assert all((m.cpu.half is not None) == (dtype == torch.float16) for m in linears)
+        drafter.add("r")
+        drafter.extend("r", tokens[:8], features[:8])
+        outs[dtype] = drafter.propose(["r"], tokens[8:], torch.ones(1), forced=forced)
+        drafter.remove("r")
+    f32, f16 = outs[torch.float32], outs[torch.float16]
+    assert f16.probs.dtype == torch.float32 and not torch.equal(f16.probs, f32.probs)
+    torch.testing.assert_close(f16.probs, f32.probs, atol=5e-3, rtol=0)  # bf16's: 3e-2
+    torch.testing.assert_close(f16.confidences, f32.confidences, atol=5e-3, rtol=0)
+
+
 def test_holdout_keeps_only_greedy_prompts_out_of_training() -> None:
     seqs = [tiny_sequence(i, 8, 2, i) for i in range(100)]
     train, held = split_holdout(seqs, 0.05)
