@@ -339,57 +339,44 @@ def test_cpu_gemm_images_only_while_on_a_cpu() -> None:
     assert all(m.cpu is None for m in linears) and drafter.model.vocab.head_gemm is None
 
 
-@pytest.mark.skipif(not cpu_has_native_bf16(), reason="needs a CPU with native bf16")
-def test_bf16_images_draft_what_float32_drafts_within_bf16_rounding() -> None:
+ROUNDED_IMAGES = [
+    pytest.param(torch.bfloat16, 3e-2, marks=pytest.mark.skipif(
+        not cpu_has_native_bf16(), reason="needs a CPU with native bf16"), id="bf16"),
+    pytest.param(torch.float16, 5e-3, marks=pytest.mark.skipif(
+        "fbgemm" not in torch.backends.quantized.supported_engines,
+        reason="needs fbgemm's fp16 GEMM"), id="fp16"),
+]
+
+
+@pytest.mark.parametrize("dtype,atol", ROUNDED_IMAGES)
+def test_rounded_images_draft_what_float32_drafts_within_their_rounding(dtype, atol) -> None:
     """Beside a target packed in bf16 the drafter packs its own GEMMs, LM head included, in
-    bf16 (Drafter.to(cpu, bfloat16)); its draft distributions stay float32 and within bf16
-    rounding of the float32 images'."""
-    drafter = build_drafter(tiny_config("dspark", "markov"), tiny_vocab())
+    bf16 (Drafter.to(cpu, bfloat16)); beside a target that keeps float32 GEMMs (CPUs without
+    native bf16), its own layers get fp16 images, rounded, used up to HALF_ROWS rows
+    (Drafter.to(cpu, float16)). Either way its draft distributions stay float32 and within
+    that rounding of the float32 images'."""
+    drafter = build_drafter(tiny_config("dspark", "rnn"), tiny_vocab())
     randomize(drafter.model, 7)
     g = torch.Generator().manual_seed(3)
     tokens, features = torch.randint(0, V, (9,), generator=g), torch.randn(9, N_FEAT, D, generator=g)
     forced = torch.randint(0, V, (1, 4), generator=g)
     outs = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        drafter.to("cpu", dtype)
+    for packed in (torch.float32, dtype):
+        drafter.to("cpu", packed)
         linears = [m for m in drafter.model.modules() if isinstance(m, Linear)]
-        assert all(m.cpu.dtype == dtype for m in linears)
-        assert drafter.model.vocab.head_gemm.dtype == dtype
+        if packed == torch.bfloat16:
+            assert all(m.cpu.dtype == packed for m in linears)
+            assert drafter.model.vocab.head_gemm.dtype == packed
+        else:
+            assert all((m.cpu.half is not None) == (packed == torch.float16) for m in linears)
         drafter.add("r")
         drafter.extend("r", tokens[:8], features[:8])
-        outs[dtype] = drafter.propose(["r"], tokens[8:], torch.zeros(1), forced=forced)
+        outs[packed] = drafter.propose(["r"], tokens[8:], torch.ones(1), forced=forced)
         drafter.remove("r")
-    f32, b16 = outs[torch.float32], outs[torch.bfloat16]
-    assert b16.probs.dtype == torch.float32
-    torch.testing.assert_close(b16.probs, f32.probs, atol=3e-2, rtol=0)
-    torch.testing.assert_close(b16.confidences, f32.confidences, atol=3e-2, rtol=0)
-
-
-@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
-                    reason="needs fbgemm's fp16 GEMM")
-def test_fp16_images_draft_what_float32_drafts_within_fp16_rounding() -> None:
-    """Beside a target that keeps float32 GEMMs (CPUs without native bf16) the drafter packs
-    its own layers as fp16 images, rounded (Drafter.to(cpu, float16)): up to HALF_ROWS rows
-    they multiply through them, and its draft distributions stay within fp16 rounding of the
-    float32 images'."""
-    drafter = build_drafter(tiny_config("dspark", "rnn"), tiny_vocab())
-    randomize(drafter.model, 8)
-    g = torch.Generator().manual_seed(4)
-    tokens, features = torch.randint(0, V, (9,), generator=g), torch.randn(9, N_FEAT, D, generator=g)
-    forced = torch.randint(0, V, (1, 4), generator=g)
-    outs = {}
-    for dtype in (torch.float32, torch.float16):
-        drafter.to("cpu", dtype)
-        linears = [m for m in drafter.model.modules() if isinstance(m, Linear)]
-        assert all((m.cpu.half is not None) == (dtype == torch.float16) for m in linears)
-        drafter.add("r")
-        drafter.extend("r", tokens[:8], features[:8])
-        outs[dtype] = drafter.propose(["r"], tokens[8:], torch.ones(1), forced=forced)
-        drafter.remove("r")
-    f32, f16 = outs[torch.float32], outs[torch.float16]
-    assert f16.probs.dtype == torch.float32 and not torch.equal(f16.probs, f32.probs)
-    torch.testing.assert_close(f16.probs, f32.probs, atol=5e-3, rtol=0)  # bf16's: 3e-2
-    torch.testing.assert_close(f16.confidences, f32.confidences, atol=5e-3, rtol=0)
+    exact, rounded = outs[torch.float32], outs[dtype]
+    assert rounded.probs.dtype == torch.float32 and not torch.equal(rounded.probs, exact.probs)
+    torch.testing.assert_close(rounded.probs, exact.probs, atol=atol, rtol=0)
+    torch.testing.assert_close(rounded.confidences, exact.confidences, atol=atol, rtol=0)
 
 
 def test_holdout_keeps_only_greedy_prompts_out_of_training() -> None:
