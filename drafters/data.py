@@ -160,6 +160,18 @@ class Sequence:
     features: torch.Tensor  # [T, n, d] fp16
     final: torch.Tensor  # [T, d] fp16
     lse: torch.Tensor  # [T] fp32
+    anchors: list[int] | None = None  # positions a with a, a+1 supervised, once computed
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for t in (self.tokens, self.loss_mask, self.features, self.final, self.lse))
+
+    def to(self, device: torch.device) -> Sequence:
+        """A copy on `device`, its valid anchors listed first (on the host: packing on a GPU
+        then never reads a mask back)."""
+        anchors = torch.nonzero(self.loss_mask[:-1] & self.loss_mask[1:]).squeeze(-1).tolist()
+        return Sequence(self.seq_id, *(t.to(device) for t in (
+            self.tokens, self.loss_mask, self.features, self.final, self.lse)), anchors=anchors)
 
 
 def training_prompt_ids(directory: str | Path) -> set[tuple[int, ...]]:

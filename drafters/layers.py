@@ -49,6 +49,23 @@ class Group:
     mask: torch.Tensor | None  # [q, ctx + q] bool, True = visible; None = all visible
 
 
+@dataclass
+class PaddedSequences:
+    """Training's groups as one padded attention problem: S sequences, each with its context
+    rows (at most Tm) and its blocks' query rows (at most Qm), padded.
+        ctx_index [S, Tm]   rows of the context batch (padding: any row, never visible)
+        q_index   [S, Qm]   rows of the draft batch (padding: any row)
+        visible   [S, Qm, Tm + Qm]  bool, True = query i sees key j (context, then block keys)
+        out_index [Q]       where each draft row's output sits in the flattened [S·Qm]
+    Every query sees at least one key (a padding query, its own padding block), so no row of
+    the softmax is empty."""
+
+    ctx_index: torch.Tensor
+    q_index: torch.Tensor
+    visible: torch.Tensor
+    out_index: torch.Tensor
+
+
 class DraftLayer(nn.Module):
     """Pre-norm decoder layer: h + attn(norm(h)), then h + mlp(norm(h))."""
 
@@ -70,10 +87,12 @@ class DraftLayer(nn.Module):
         return rotary(k, positions, self.cfg.rope_theta), v
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, ctx_k: torch.Tensor,
-                ctx_v: torch.Tensor, groups: list[Group] | torch.Tensor) -> tuple[torch.Tensor, tuple]:
+                ctx_v: torch.Tensor, groups: list[Group] | torch.Tensor | PaddedSequences
+                ) -> tuple[torch.Tensor, tuple]:
         """h: [Q, d] draft states at positions [Q]; ctx_k/ctx_v: [C, Hkv, D] context entries.
         groups a tensor instead: lens [N] of N equal open blocks (Q = N·g) whose contexts come
-        padded, ctx_k/ctx_v [N, L, Hkv, D] (CUDA graphs: drafters/graphs.py).
+        padded, ctx_k/ctx_v [N, L, Hkv, D] (CUDA graphs: drafters/graphs.py). PaddedSequences:
+        training's sequences in one padded call.
         Returns (new h [Q, d], (k, v) [Q, Hkv, D] of the draft rows, for chains that keep them)."""
         x = self.input_norm(h)
         q = rotary(self.q_proj(x).view(h.shape[0], self.cfg.num_heads, -1), positions,
@@ -81,6 +100,8 @@ class DraftLayer(nn.Module):
         k, v = self.kv(x, positions)  # [Q, Hkv, D]
         if isinstance(groups, torch.Tensor):
             out = attend_padded(q, k, v, ctx_k, ctx_v, groups)
+        elif isinstance(groups, PaddedSequences):
+            out = _attend_sequences(q, k, v, ctx_k, ctx_v, groups)
         elif _equal_open_blocks(groups):
             out = _attend_blocks(q, k, v, ctx_k, ctx_v, groups)
         else:
@@ -133,6 +154,18 @@ def attend_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_k: torc
         q.view(n, g, *q.shape[1:]).transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
         attn_mask=visible, enable_gqa=True)  # [N, H, g, D]
     return out.transpose(1, 2).reshape(q.shape)
+
+
+def _attend_sequences(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_k: torch.Tensor,
+                      ctx_v: torch.Tensor, p: PaddedSequences) -> torch.Tensor:
+    """q [Q, H, D], k/v [Q, Hkv, D] of the draft rows, ctx_k/ctx_v [C, Hkv, D]: each sequence's
+    queries over [its context; its draft rows] under p.visible, in one call -> [Q, H, D]."""
+    keys = torch.cat([ctx_k[p.ctx_index], k[p.q_index]], dim=1)  # [S, Tm + Qm, Hkv, D]
+    values = torch.cat([ctx_v[p.ctx_index], v[p.q_index]], dim=1)
+    out = F.scaled_dot_product_attention(
+        q[p.q_index].transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=p.visible[:, None], enable_gqa=True)  # [S, H, Qm, D]
+    return out.transpose(1, 2).flatten(0, 1)[p.out_index]  # [Q, H, D]
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -54,10 +54,12 @@ def valid_anchors(seq: Sequence) -> torch.Tensor:
 
 def pack(sequences: list[Sequence], gamma: int, anchors_per_seq: int,
          rng: random.Random) -> PackedBatch:
+    """The batch lives where the sequences do (train() keeps them on a GPU when they fit)."""
+    dev = sequences[0].tokens.device
     rows, blocks, anchors, parts = [], [], [], []
     t0 = n0 = 0
     for seq in sequences:
-        choices = valid_anchors(seq).tolist()
+        choices = seq.anchors if seq.anchors is not None else valid_anchors(seq).tolist()
         chosen = sorted(rng.sample(choices, min(anchors_per_seq, len(choices))))
         rows.append(slice(t0, t0 + len(seq.tokens)))
         blocks.append(slice(n0, n0 + len(chosen)))
@@ -69,17 +71,19 @@ def pack(sequences: list[Sequence], gamma: int, anchors_per_seq: int,
     final = cat([s.final for s, _ in parts])
     lse = cat([s.lse for s, _ in parts])
     mask = cat([s.loss_mask for s, _ in parts])
-    ends = cat([torch.full((len(s.tokens),), r.stop) for (s, _), r in zip(parts, rows)])
-    anchor_rows = torch.tensor([a for a, _ in anchors], dtype=torch.long)
-    k = torch.arange(1, gamma + 1)
+    lengths = torch.tensor([len(s.tokens) for s, _ in parts], device=dev)  # [S]
+    starts = lengths.cumsum(0) - lengths  # [S] first row of each sequence
+    ends = (starts + lengths).repeat_interleave(lengths, output_size=t0)  # [T] row after its sequence
+    anchor_rows = torch.tensor([a for a, _ in anchors], dtype=torch.long, device=dev)
+    k = torch.arange(1, gamma + 1, device=dev)
     label_rows = anchor_rows[:, None] + k[None]  # [N, gamma] rows of a+k
     inside = label_rows < ends[anchor_rows][:, None]
     label_rows = torch.where(inside, label_rows, anchor_rows[:, None])
     return PackedBatch(
         features=cat([s.features for s, _ in parts]), tokens=tokens,
-        positions=cat([torch.arange(len(s.tokens)) for s, _ in parts]),
+        positions=torch.arange(t0, device=dev) - starts.repeat_interleave(lengths, output_size=t0),
         seq_rows=rows, seq_blocks=blocks, anchor_rows=anchor_rows,
-        anchor_pos=torch.tensor([p for _, p in anchors], dtype=torch.long),
+        anchor_pos=torch.tensor([p for _, p in anchors], dtype=torch.long, device=dev),
         prev=tokens[label_rows - 1], labels=tokens[label_rows],
         valid=inside & mask[label_rows], target_final=final[label_rows - 1].float(),
         target_lse=lse[label_rows - 1])

@@ -17,7 +17,7 @@ from drafters.base import ContextCache, Drafter, DraftOutput, append_cache, cat_
 from drafters.config import DrafterConfig
 from drafters.graphs import DraftGraphConfig, DraftGraphRunner
 from drafters.heads import SequentialHead
-from drafters.layers import DraftLayer, FeatureFusion, Group, RMSNorm
+from drafters.layers import DraftLayer, FeatureFusion, Group, PaddedSequences, RMSNorm
 from drafters.packing import PackedBatch
 from drafters.vocab import SharedVocab
 
@@ -80,22 +80,30 @@ class ParallelDrafterModel(nn.Module):
             confs.append(conf)
         return base + torch.stack(biases, 1), torch.stack(confs, 1)
 
-    def _train_groups(self, batch: PackedBatch) -> list[Group]:
-        """Per sequence: block b sees context positions < anchor_b and its own block."""
-        g = self.cfg.block_size
-        groups = []
-        for rows, blocks in zip(batch.seq_rows, batch.seq_blocks):
-            n = blocks.stop - blocks.start
-            if n == 0:
-                continue
-            ctx_pos = batch.positions[rows]  # [T_s]
-            anchor = batch.anchor_pos[blocks].repeat_interleave(g)  # [n*g]
-            sees_ctx = ctx_pos[None, :] < anchor[:, None]  # [n*g, T_s]
-            block_id = torch.arange(n, device=anchor.device).repeat_interleave(g)
-            sees_block = block_id[:, None] == block_id[None, :]  # [n*g, n*g]
-            groups.append(Group(slice(blocks.start * g, blocks.stop * g), rows,
-                                torch.cat([sees_ctx, sees_block], dim=1)))
-        return groups
+    def _train_groups(self, batch: PackedBatch) -> PaddedSequences:
+        """Per sequence: block b sees context positions < anchor_b and its own block, all
+        sequences padded into one attention call (layers.PaddedSequences):
+            query i of sequence s: block i // g of s; its anchor A[s, i]
+            sees context row j  iff  j < T_s and position_j < A[s, i]
+            sees draft row j    iff  j // g == i // g   (padding rows: only their own block)"""
+        g, dev = self.cfg.block_size, batch.anchor_pos.device
+        host = torch.tensor([[r.start, r.stop - r.start, b.start, b.stop - b.start]
+                             for r, b in zip(batch.seq_rows, batch.seq_blocks)
+                             if b.stop > b.start])  # [S, 4]: row start, T_s, block start, n_s
+        row0, rows, blk0, blocks = host.to(dev).unbind(1)
+        t_max, q_max = int(host[:, 1].max()), g * int(host[:, 3].max())
+        j = torch.arange(t_max, device=dev)  # [Tm]
+        ctx_real = j[None] < rows[:, None]  # [S, Tm]
+        ctx_index = torch.where(ctx_real, row0[:, None] + j[None], 0)
+        i = torch.arange(q_max, device=dev)  # [Qm]
+        q_real = i[None] < g * blocks[:, None]  # [S, Qm]
+        block = torch.where(q_real, blk0[:, None] + i[None] // g, 0)  # [S, Qm] block of query i
+        anchor = batch.anchor_pos[block]  # [S, Qm]
+        sees_ctx = ctx_real[:, None] & (batch.positions[ctx_index][:, None] < anchor[..., None])
+        sees_block = (i[:, None] // g == i[None] // g).expand(host.shape[0], -1, -1)  # [S, Qm, Qm]
+        flat = torch.cat([s * q_max + torch.arange(g * n) for s, n in enumerate(host[:, 3].tolist())])
+        return PaddedSequences(ctx_index, block * g + i[None] % g,
+                               torch.cat([sees_ctx, sees_block], dim=2), flat.to(dev))  # flat [Q]
 
 
 class ParallelDrafter(Drafter):

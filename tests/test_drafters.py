@@ -327,6 +327,80 @@ def test_packing_respects_supervision_and_sequence_ends() -> None:
     assert position_weights(3, 4.0)[0] == 1.0
 
 
+def per_sequence_groups(batch, g: int) -> list:
+    """Training's visibility as one Group per sequence (the per-group loop in DraftLayer)."""
+    from drafters.layers import Group
+
+    groups = []
+    for rows, blocks in zip(batch.seq_rows, batch.seq_blocks):
+        n = blocks.stop - blocks.start
+        if n:
+            anchor = batch.anchor_pos[blocks].repeat_interleave(g)  # [n·g]
+            block_id = torch.arange(n).repeat_interleave(g)
+            groups.append(Group(slice(blocks.start * g, blocks.stop * g), rows, torch.cat(
+                [batch.positions[rows][None] < anchor[:, None],
+                 block_id[:, None] == block_id[None]], dim=1)))
+    return groups
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_padded_training_attention_equals_the_per_sequence_loop(bf16: bool) -> None:
+    """Training attends all sequences in one padded call (layers.PaddedSequences): the same
+    block states, and the same gradients, as one attention problem per sequence. The batch
+    has sequences of different lengths and block counts, and one with no valid anchor (all
+    prompt) between them."""
+    drafter = build_drafter(tiny_config("dspark", "markov"), tiny_vocab())
+    randomize(drafter.model, 9)
+    model, g = drafter.model, drafter.gamma
+    seqs = [tiny_sequence(0, 23, 5, 1), tiny_sequence(1, 9, 8, 2), tiny_sequence(2, 40, 3, 3),
+            tiny_sequence(3, 12, 2, 4)]
+    batch = pack(seqs, g, anchors_per_seq=5, rng=random.Random(1))
+    assert [b.stop - b.start for b in batch.seq_blocks] == [5, 0, 5, 5]
+    outs = []
+    for groups in (model._train_groups(batch), per_sequence_groups(batch, g)):
+        model.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            ctx_kv = model.context_kv(batch.features, batch.positions)
+            hidden = model.backbone(batch.tokens[batch.anchor_rows], batch.anchor_pos, ctx_kv, groups)
+        hidden.float().pow(2).mean().backward()
+        outs.append((hidden.float(), model.layers[0].q_proj.weight.grad.clone()))
+    (h_pad, grad_pad), (h_loop, grad_loop) = outs
+    # bf16: the two sum in other orders at 8 bits (states here are O(10): random weights)
+    tol = dict(rtol=5e-2, atol=1e-1) if bf16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h_pad, h_loop, **tol)
+    torch.testing.assert_close(grad_pad, grad_loop, **tol)
+
+
+def test_sequences_moved_with_their_anchors_pack_the_same_batch() -> None:
+    """Sequence.to lists the valid anchors on the host first (packing on a GPU then reads no
+    mask back); packing such sequences draws the same blocks from the same random state."""
+    seqs = [tiny_sequence(0, 23, 5, 1), tiny_sequence(1, 9, 8, 2), tiny_sequence(2, 17, 3, 3)]
+    moved = [s.to(torch.device("cpu")) for s in seqs]
+    assert [m.anchors for m in moved] == [valid_anchors(s).tolist() for s in seqs]
+    assert moved[0].nbytes() == sum(t.numel() * t.element_size() for t in (
+        seqs[0].tokens, seqs[0].loss_mask, seqs[0].features, seqs[0].final, seqs[0].lse))
+    a, b = (pack(x, 4, anchors_per_seq=3, rng=random.Random(7)) for x in (seqs, moved))
+    for name, value in vars(a).items():
+        other = getattr(b, name)
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
+def test_training_data_resident_on_the_gpu_packs_there() -> None:
+    from drafters.train import resident
+
+    seqs = [tiny_sequence(i, 15 + 4 * i, 3, 20 + i) for i in range(4)]
+    assert resident(seqs, torch.device("cpu")) is seqs
+    on_gpu = resident(seqs, torch.device("cuda"))
+    assert all(s.features.is_cuda and s.anchors is not None for s in on_gpu)
+    a, b = (pack(x, 4, anchors_per_seq=3, rng=random.Random(7)) for x in (seqs, on_gpu))
+    for name, value in vars(a).items():
+        other = getattr(b, name)
+        if isinstance(value, torch.Tensor):
+            assert other.is_cuda and torch.equal(value, other.cpu()), name
+
+
 def test_cpu_gemm_images_only_while_on_a_cpu() -> None:
     """Drafter.to(cpu) builds the inference images; moving elsewhere drops them, so no stale
     CPU image serves a drafter whose weights now live on another device."""
