@@ -27,7 +27,7 @@ if [ "$PART" = a ]; then
   # the Triton kernels' tests (compiled for CUDA here, not interpreted), then the gpu-marked ones
   setsid bash -c "P='timeout 200 python3 -m pytest -q -p no:cacheprovider --durations=5'
     \$P tests/test_triton_attention.py > $STASH/pytest-gpu.txt 2>&1; echo \"pytest rc=\$?\" >> $STASH/pytest-gpu.txt
-    \$P -m gpu tests/test_rejection_sampler.py tests/test_cuda_graphs.py tests/test_engine_spec.py tests/test_drafter_graphs.py \
+    \$P -m gpu tests/test_rejection_sampler.py tests/test_cuda_graphs.py tests/test_engine_spec.py tests/test_drafter_graphs.py tests/test_drafters.py \
       >> $STASH/pytest-gpu.txt 2>&1; echo \"pytest-gpu rc=\$?\" >> $STASH/pytest-gpu.txt" \
     < /dev/null > /dev/null 2>&1 &
   sleep 5; cat "$STASH/gpu.txt"; ls -la "$STASH"
