@@ -104,6 +104,12 @@ class Drafter(ABC):
     def gamma(self) -> int:
         return self.config.block_size
 
+    def use_graphs(self, config) -> bool:
+        """Keep contexts in preallocated slots and propose through CUDA graphs
+        (drafters/graphs.py DraftGraphConfig)? Only drafters with a graph path override this;
+        the rest stay eager: False."""
+        return False
+
     def add(self, rid: str) -> None:
         self.caches[rid] = ContextCache()
 

@@ -169,9 +169,15 @@ class Sequence:
     def to(self, device: torch.device) -> Sequence:
         """A copy on `device`, its valid anchors listed first (on the host: packing on a GPU
         then never reads a mask back)."""
-        anchors = torch.nonzero(self.loss_mask[:-1] & self.loss_mask[1:]).squeeze(-1).tolist()
+        anchors = valid_anchors(self).tolist()
         return Sequence(self.seq_id, *(t.to(device) for t in (
             self.tokens, self.loss_mask, self.features, self.final, self.lse)), anchors=anchors)
+
+
+def valid_anchors(seq: Sequence) -> torch.Tensor:
+    """Positions a with a and a+1 supervised. [M]"""
+    m = seq.loss_mask
+    return torch.nonzero(m[:-1] & m[1:]).squeeze(-1)
 
 
 def training_prompt_ids(directory: str | Path) -> set[tuple[int, ...]]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from drafters.data import Sequence
+from drafters.data import Sequence, valid_anchors
 
 
 @dataclass
@@ -44,12 +44,6 @@ class PackedBatch:
                 if isinstance(value, torch.Tensor):
                     setattr(self, name, value.to(device))
         return self
-
-
-def valid_anchors(seq: Sequence) -> torch.Tensor:
-    """Positions a with a and a+1 supervised. [M]"""
-    m = seq.loss_mask
-    return torch.nonzero(m[:-1] & m[1:]).squeeze(-1)
 
 
 def pack(sequences: list[Sequence], gamma: int, anchors_per_seq: int,

@@ -113,11 +113,12 @@ class ParallelDrafter(Drafter):
 
     graphs: DraftGraphRunner | None = None
 
-    def use_graphs(self, config: DraftGraphConfig) -> None:
+    def use_graphs(self, config: DraftGraphConfig) -> bool:
         """Slot storage and padded proposals from now on; call after to(), before any add()."""
         if self.caches:
             raise RuntimeError("use_graphs() must come before any request is added")
         self.graphs = DraftGraphRunner(self, config)
+        return True
 
     def add(self, rid: str) -> None:
         super().add(rid)

@@ -115,9 +115,7 @@ class EngineCore:
         config.block_size (or the drafter's whole block) drafted tokens per request."""
         cap = self.config.block_size or drafter.gamma
         policy = policy or FixedLength(cap)
-        if self.runner.graphs is not None and getattr(drafter, "graphs", False) is None:
-            # CUDA graphs for the target: a parallel drafter's proposals replay too (its
-            # `graphs` is None until then; other drafters have none and stay eager)
+        if self.runner.graphs is not None:  # the target replays graphs: drafters that can, too
             from drafters.graphs import DraftGraphConfig
 
             drafter.use_graphs(DraftGraphConfig.for_engine(self.config.max_num_seqs,

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from drafters.config import DrafterConfig
-from drafters.data import Sequence
+from drafters.data import Sequence, valid_anchors
 from drafters.losses import DSPARK_LOSS, CE_LOSS, drafter_loss, position_weights
-from drafters.packing import pack, valid_anchors
+from drafters.packing import pack
 from drafters.registry import build_drafter, load_drafter, save_drafter
 from drafters.validate import greedy_acceptance, split_holdout
 from drafters.vocab import SharedVocab
