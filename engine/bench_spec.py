@@ -250,8 +250,9 @@ def bench_spec(cfg: SpecBenchConfig) -> dict:
 
 
 def round_times(core: EngineCore) -> dict | None:
-    """The speculator's mean round by phase in ms since the last call, drafted rounds and
-    plain ones apart (engine/speculator.py RoundTimes); starts the next count. None: no spec."""
+    """The speculator's mean round by phase in ms since the last call, by kind of round
+    (drafted, plain decode, plain with a prefill chunk: engine/speculator.py RoundTimes);
+    starts the next count. None: no spec."""
     if core.spec is None:
         return None
     out = {kind: t.means_ms() for kind, t in core.spec.times.items()}

@@ -94,8 +94,8 @@ class RoundPlan:
 
 @dataclass
 class RoundTimes:
-    """Seconds of the speculator's rounds by phase, summed over rounds of one kind (drafted
-    or not); `dspark bench spec` reports the means. On a GPU a phase ends at its host sync:
+    """Seconds of the speculator's rounds by phase, summed over rounds of one kind (drafted,
+    plain decode, or plain with a prefill chunk); `dspark bench spec` reports the means. On a GPU a phase ends at its host sync:
     proposing at the confidences' copy, verification at acceptance's tokens."""
 
     rounds: int = 0
@@ -183,7 +183,8 @@ class Speculator:
         self.round_overhead = 0.0
         self.guard = guard  # realized tokens/s of drafted against plain rounds (or None)
         self.policy_says_pays = True  # the policy's verdict in the latest _skips_round
-        self.times = {"drafted": RoundTimes(), "plain": RoundTimes()}  # rounds by phase
+        # rounds by phase: drafted; plain (decode rows only); prefill (plain, with a chunk)
+        self.times = {kind: RoundTimes() for kind in ("drafted", "plain", "prefill")}
 
     def forget(self, request_id: str) -> None:
         self.drafter.remove(request_id)
@@ -379,7 +380,8 @@ class Speculator:
         kept = hidden[torch.tensor(rows, device=hidden.device)]
         self.drafter.extend_many(rids, tokens, kept)  # moved to the drafter's device
         if plan.synced:  # a round whose next tokens were due (not a prefill-only step)
-            self.times["drafted" if plan.rows else "plain"].add(plan, time.perf_counter())
+            plain = "plain" if all(n == 1 for n in batch.num_new_tokens) else "prefill"
+            self.times["drafted" if plan.rows else plain].add(plan, time.perf_counter())
         if plan.guard_size:  # each decoding request emitted its accepted drafts + 1
             seconds = time.perf_counter() - plan.round_start - plan.backlog_seconds
             self.guard.observe(plan.guard_size, bool(plan.rows), seconds,

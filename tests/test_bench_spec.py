@@ -37,6 +37,8 @@ def test_bench_spec_reports_speedups_and_identity(tiny_llama_dir, tmp_path, caps
         phases = [drafted[k] for k in ("context", "propose", "policy", "verify", "finish")]
         assert drafted["rounds"] > 0 and min(phases) >= 0 and drafted["propose"] > 0
         assert drafted["total"] == pytest.approx(sum(phases), abs=0.01)
+        kinds = saved["methods"]["dspark"]["round_ms"][level]
+        assert set(kinds) == {"drafted", "plain", "prefill"} and kinds["prefill"]["rounds"] > 0
     assert "round_ms" not in saved["methods"]["none"]
     printed = capsys.readouterr().out
     assert "speedup_c1" in printed and "dspark c8 drafted rounds" in printed
