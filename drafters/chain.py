@@ -17,7 +17,7 @@ from torch import nn
 
 from drafters.base import ContextCache, Drafter, DraftOutput, append_cache, cat_caches
 from drafters.config import DrafterConfig
-from drafters.layers import DraftLayer, FeatureFusion, Group, RMSNorm
+from drafters.layers import DraftLayer, FeatureFusion, Group, RMSNorm, pad_groups
 from drafters.packing import PackedBatch
 from drafters.vocab import SharedVocab
 from kernels.cpu_gemm import Linear
@@ -77,26 +77,29 @@ class ChainDrafterModel(nn.Module):
             keys = [(torch.cat([kc] + [s[i][0] for s in steps_kv]),
                      torch.cat([vc] + [s[i][1] for s in steps_kv]))
                     for i, (kc, vc) in enumerate(ctx_kv)]
-            o, new = self.run(u, batch.anchor_pos + k, keys, self._step_groups(batch, k))
+            o, new = self.run(u, batch.anchor_pos + k, keys,
+                              pad_groups(self._step_groups(batch, k), u.device))
             steps_kv.append(new)
             logits.append(self.logits(o))
         return torch.stack(logits, 1), None
 
     def _step_groups(self, batch: PackedBatch, k: int) -> list[Group]:
         """Step k (0-based, k >= 1): block b sees context entries at positions <= a_b (its
-        step 1 included) and its own earlier steps. Keys are [context T ; steps 1..k-1 (N each)]."""
-        total, n_all, dev = batch.tokens.shape[0], batch.num_blocks, batch.tokens.device
+        step 1 included) and its own earlier steps. Keys are [context T ; steps 1..k-1 (N each)].
+        Built on the host: pad_groups moves them once."""
+        total, n_all = batch.tokens.shape[0], batch.num_blocks
+        anchor_pos, positions = batch.anchor_pos.cpu(), batch.positions.cpu()
         groups = []
         for rows, blocks in zip(batch.seq_rows, batch.seq_blocks):
             n = blocks.stop - blocks.start
             if n == 0:
                 continue
-            anchor = batch.anchor_pos[blocks]  # [n]
-            step_rows = [total + s * n_all + torch.arange(blocks.start, blocks.stop, device=dev)
+            anchor = anchor_pos[blocks]  # [n]
+            step_rows = [total + s * n_all + torch.arange(blocks.start, blocks.stop)
                          for s in range(k - 1)]
-            ctx_rows = torch.cat([torch.arange(rows.start, rows.stop, device=dev)] + step_rows)
-            sees_ctx = batch.positions[rows][None, :] <= anchor[:, None]  # [n, T_s]
-            own = torch.eye(n, dtype=torch.bool, device=dev)
+            ctx_rows = torch.cat([torch.arange(rows.start, rows.stop)] + step_rows)
+            sees_ctx = positions[rows][None, :] <= anchor[:, None]  # [n, T_s]
+            own = torch.eye(n, dtype=torch.bool)
             mask = torch.cat([sees_ctx] + [own] * (k - 1) + [own], dim=1)
             groups.append(Group(blocks, ctx_rows, mask))
         return groups

@@ -66,6 +66,30 @@ class PaddedSequences:
     out_index: torch.Tensor
 
 
+def pad_groups(groups: list[Group], device: torch.device) -> PaddedSequences:
+    """Groups (each with its mask, or all visible) as one padded attention problem, built on
+    the host and moved once (the chains' training steps; the parallel drafters build theirs
+    directly). A padding query sees only its own row's key."""
+    sizes = [(g.q_rows.stop - g.q_rows.start,
+              g.ctx_rows.stop - g.ctx_rows.start if isinstance(g.ctx_rows, slice)
+              else g.ctx_rows.shape[0]) for g in groups]  # (q, c) per group
+    q_max, t_max = max(q for q, _ in sizes), max(c for _, c in sizes)
+    ctx_index = torch.zeros(len(groups), t_max, dtype=torch.long)
+    q_index = torch.zeros(len(groups), q_max, dtype=torch.long)
+    visible = torch.zeros(len(groups), q_max, t_max + q_max, dtype=torch.bool)
+    pad = torch.arange(q_max)
+    visible[:, pad, t_max + pad] = True
+    for s, (g, (q, c)) in enumerate(zip(groups, sizes)):
+        rows = g.ctx_rows
+        ctx_index[s, :c] = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows.cpu()
+        q_index[s, :q] = torch.arange(g.q_rows.start, g.q_rows.stop)
+        mask = torch.ones(q, c + q, dtype=torch.bool) if g.mask is None else g.mask.cpu()
+        visible[s, :q, :c] = mask[:, :c]
+        visible[s, :q, t_max:t_max + q] = mask[:, c:]
+    out_index = torch.cat([s * q_max + torch.arange(q) for s, (q, _) in enumerate(sizes)])
+    return PaddedSequences(*(t.to(device) for t in (ctx_index, q_index, visible, out_index)))
+
+
 class DraftLayer(nn.Module):
     """Pre-norm decoder layer: h + attn(norm(h)), then h + mlp(norm(h))."""
 
