@@ -57,8 +57,8 @@ class PaddedSequences:
         q_index   [S, Qm]   rows of the draft batch (padding: any row)
         visible   [S, Qm, Tm + Qm]  bool, True = query i sees key j (context, then block keys)
         out_index [Q]       where each draft row's output sits in the flattened [S·Qm]
-    Every query sees at least one key (a padding query, its own padding block), so no row of
-    the softmax is empty."""
+    Every query sees at least one key (a padding query: its padding block, or its own row's
+    key), so no row of the softmax is empty."""
 
     ctx_index: torch.Tensor
     q_index: torch.Tensor
