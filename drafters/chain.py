@@ -72,23 +72,25 @@ class ChainDrafterModel(nn.Module):
         o = out[batch.anchor_rows]  # [N, d] step 1 of every block
         logits = [self.logits(o)]
         steps_kv: list[list[tuple]] = []
+        host = batch.anchor_pos.cpu(), batch.positions.cpu()  # the steps' masks are built there
         for k in range(1, self.cfg.block_size):
             u = self.entry(batch.prev[:, k], o)
             keys = [(torch.cat([kc] + [s[i][0] for s in steps_kv]),
                      torch.cat([vc] + [s[i][1] for s in steps_kv]))
                     for i, (kc, vc) in enumerate(ctx_kv)]
             o, new = self.run(u, batch.anchor_pos + k, keys,
-                              pad_groups(self._step_groups(batch, k), u.device))
+                              pad_groups(self._step_groups(batch, k, host), u.device))
             steps_kv.append(new)
             logits.append(self.logits(o))
         return torch.stack(logits, 1), None
 
-    def _step_groups(self, batch: PackedBatch, k: int) -> list[Group]:
+    def _step_groups(self, batch: PackedBatch, k: int,
+                     host: tuple[torch.Tensor, torch.Tensor]) -> list[Group]:
         """Step k (0-based, k >= 1): block b sees context entries at positions <= a_b (its
         step 1 included) and its own earlier steps. Keys are [context T ; steps 1..k-1 (N each)].
-        Built on the host: pad_groups moves them once."""
+        Built on the host from host = (anchor_pos, positions) there: pad_groups moves them once."""
         total, n_all = batch.tokens.shape[0], batch.num_blocks
-        anchor_pos, positions = batch.anchor_pos.cpu(), batch.positions.cpu()
+        anchor_pos, positions = host
         groups = []
         for rows, blocks in zip(batch.seq_rows, batch.seq_blocks):
             n = blocks.stop - blocks.start
