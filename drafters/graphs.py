@@ -197,23 +197,12 @@ class DraftGraphRunner:
     def _forward(self, rows: int, length: int, sampled: bool):
         """The padded proposal over the static buffers -> (tokens [R_pad, γ] target ids,
         p_d [R_pad, γ, Vd], confidences [R_pad, γ] or None). No host sync, no shape from data."""
-        d, model = self.drafter, self.drafter.model
         slots, lens, anchors = self.slots[:rows], self.lens[:rows], self.anchors[:rows]
         ctx = [(k[slots, :length], v[slots, :length]) for k, v in self.kv]  # [R_pad, L_pad, Hkv, D]
-        hidden = model.backbone(anchors, lens, ctx, lens)  # [R_pad, γ, d]; anchors sit at lens
-        base = model.vocab.logits(hidden)  # [R_pad, γ, Vd]
-        temps = self.temps[:rows] if sampled else None
-        state = hidden.new_zeros(rows, d.config.head_rank)
-        prev, tokens, probs, confs = anchors, [], [], []
-        for k in range(d.gamma):
-            logits, conf, state = model.head_step(k, hidden, base, prev, state)
-            index, p = d.sample(logits, temps, self.race[:rows, k] if sampled else None)
-            prev = model.vocab.vocab_ids[index]
-            tokens.append(prev)
-            probs.append(p)
-            confs.append(conf)
-        conf = torch.sigmoid(torch.stack(confs, 1)) if model.head is not None else None
-        return torch.stack(tokens, 1), torch.stack(probs, 1), conf
+        hidden = self.drafter.model.backbone(anchors, lens, ctx, lens)  # anchors sit at lens
+        if not sampled:
+            return self.drafter.head_steps(hidden, anchors, None)
+        return self.drafter.head_steps(hidden, anchors, self.temps[:rows], race=self.race[:rows])
 
     def _capture(self, key: tuple) -> tuple:
         """Warm up on a side stream, then capture one padded proposal into the shared pool."""

@@ -225,15 +225,15 @@ def bench_spec(cfg: SpecBenchConfig) -> dict:
                    for m, core in cores.items()}
         if "none" in cores:
             runners[HF] = HfPromptLookup(cfg, cores["none"]).speed
-        times = {m: [round_times(core)] for m, core in cores.items()}  # resets after warm-up
+        for core in cores.values():
+            round_times(core)  # forget the warm-up's rounds
         c1 = run_c1(cfg, runners, prompts)
-        times = {m: [round_times(core)] for m, core in cores.items()}
+        c1_times = {m: round_times(core) for m, core in cores.items()}
         c8 = run_c8(cfg, cores, prompts)
         for method, core in cores.items():
-            times[method].append(round_times(core))
             row = {"c1": _c1_figures(c1[method]), "c8": _c8_figures(c8[method])}
             if core.spec is not None:
-                row["round_ms"] = dict(zip(("c1", "c8"), times[method]))
+                row["round_ms"] = {"c1": c1_times[method], "c8": round_times(core)}
             spec = core.stats().spec
             if spec.num_drafts:
                 row["mean_acceptance_length"] = round(1 + spec.num_accepted_tokens / spec.num_drafts, 3)
