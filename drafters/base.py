@@ -39,6 +39,9 @@ class DraftOutput:
     probs: torch.Tensor  # [R, gamma, Vd] draft distributions p_d over the draft vocabulary
     vocab_ids: torch.Tensor  # [Vd] target id of each draft-vocabulary index
     confidences: torch.Tensor | None  # [R, gamma] c_k in (0, 1), or None (no confidence head)
+    # [R, gamma] q_k = softmax(drafter logits_k)[draft k] at temperature 1, whatever the
+    # sampling temperature: the drafter's own belief in each draft (a calibration input)
+    token_probs: torch.Tensor | None = None
 
     def full_probs(self, vocab_size: int) -> torch.Tensor:
         """[R, gamma, V]: p_d over the target vocabulary (zero outside the draft vocabulary)."""
@@ -53,6 +56,12 @@ class DraftOutput:
         out = picked.new_zeros(picked.shape[0], vocab_size)
         out[:, self.vocab_ids] = picked
         return out
+
+
+def token_probs(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """logits: [R, Vd], index: [R] -> q [R] = softmax(logits)[index], in float32."""
+    logits = logits.float()
+    return (logits.gather(1, index[:, None])[:, 0] - torch.logsumexp(logits, -1)).exp()
 
 
 @dataclass
@@ -194,15 +203,18 @@ class Drafter(ABC):
                              None if forced is None else forced.to(dev))
 
     def sample(self, logits: torch.Tensor, temperatures: torch.Tensor | None,
-               race: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits: [R, Vd] -> (draft-vocab index [R], p_d [R, Vd]).
+               race: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """logits: [R, Vd] -> (draft-vocab index [R], p_d [R, Vd], q [R]).
         p_d = softmax(logits / T); greedy rows (T = 0) take the argmax and report p_d one-hot.
+        q = softmax(logits)[index] = exp(logits[index] − logsumexp(logits)), at T = 1.
         Sampling is the exponential race argmax p_i / E_i, E_i ~ Exp(1): race [R, Vd] holds the
         E_i when given (CUDA graphs draw them before a replay), else they come from the
         drafter's generator. temperatures None: every row is greedy."""
         if temperatures is None:
             index = logits.argmax(-1)  # [R]
-            return index, torch.zeros_like(logits).scatter_(1, index[:, None], 1.0)
+            return (index, torch.zeros_like(logits).scatter_(1, index[:, None], 1.0),
+                    token_probs(logits, index))
         greedy = temperatures == 0  # [R]
         t = torch.where(greedy, 1.0, temperatures)[:, None]
         probs = torch.softmax(logits / t, dim=-1)  # [R, Vd]
@@ -210,7 +222,7 @@ class Drafter(ABC):
             race = torch.empty_like(probs).exponential_(generator=self.generator)
         index = torch.where(greedy, logits.argmax(-1), (probs / race).argmax(-1))  # [R]
         one_hot = torch.zeros_like(probs).scatter_(1, index[:, None], 1.0)
-        return index, torch.where(greedy[:, None], one_hot, probs)
+        return index, torch.where(greedy[:, None], one_hot, probs), token_probs(logits, index)
 
     @abstractmethod
     def _extend(self, cache: ContextCache, tokens: torch.Tensor, features: torch.Tensor) -> None:

@@ -131,7 +131,7 @@ class ChainDrafter(Drafter):
         dev = anchors.device
         positions = torch.tensor([c.length for c in caches], device=dev)
         g_in = torch.stack([c.ctx[-1] for c in caches])  # [R, d] ctx_{a-1}
-        x, steps_kv, tokens, probs = anchors, [], [], []
+        x, steps_kv, tokens, probs, qs = anchors, [], [], [], []
         for k in range(self.gamma):
             keys = [(torch.cat([kc] + [s[i][0] for s in steps_kv]),
                      torch.cat([vc] + [s[i][1] for s in steps_kv]))
@@ -142,8 +142,10 @@ class ChainDrafter(Drafter):
                 for r in range(r_all)]
             o, new = model.run(model.entry(x, g_in), positions + k, keys, groups)
             steps_kv.append(new)
-            index, p = self.sample(model.logits(o), temperatures)
+            index, p, q = self.sample(model.logits(o), temperatures)
             tokens.append(model.vocab.vocab_ids[index])
             probs.append(p)
+            qs.append(q)
             x, g_in = (tokens[-1] if forced is None else forced[:, k]), o
-        return DraftOutput(torch.stack(tokens, 1), torch.stack(probs, 1), model.vocab.vocab_ids, None)
+        return DraftOutput(torch.stack(tokens, 1), torch.stack(probs, 1), model.vocab.vocab_ids,
+                           None, torch.stack(qs, 1))

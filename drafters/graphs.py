@@ -159,7 +159,8 @@ class DraftGraphRunner:
                      for i in range(0, len(caches), most)]
             conf = None if parts[0].confidences is None else torch.cat([p.confidences for p in parts])
             return DraftOutput(torch.cat([p.tokens for p in parts]),
-                               torch.cat([p.probs for p in parts]), parts[0].vocab_ids, conf)
+                               torch.cat([p.probs for p in parts]), parts[0].vocab_ids, conf,
+                               torch.cat([p.token_probs for p in parts]))
         r = len(caches)
         key = (self.config.batch_bucket(r), self.config.context_bucket(max(c.length for c in caches)),
                temperatures is not None)
@@ -175,9 +176,9 @@ class DraftGraphRunner:
             graph.replay()
         else:
             outputs = self._forward(*key)
-        tokens, probs, conf = outputs
+        tokens, probs, conf, q = outputs
         return DraftOutput(tokens[:r].clone(), probs[:r].clone(), self.drafter.model.vocab.vocab_ids,
-                           None if conf is None else conf[:r].clone())
+                           None if conf is None else conf[:r].clone(), q[:r].clone())
 
     def _load(self, caches: list[ContextCache], anchors: torch.Tensor,
               temperatures: torch.Tensor | None, rows: int) -> None:
@@ -196,7 +197,8 @@ class DraftGraphRunner:
 
     def _forward(self, rows: int, length: int, sampled: bool):
         """The padded proposal over the static buffers -> (tokens [R_pad, γ] target ids,
-        p_d [R_pad, γ, Vd], confidences [R_pad, γ] or None). No host sync, no shape from data."""
+        p_d [R_pad, γ, Vd], confidences [R_pad, γ] or None, q [R_pad, γ]). No host sync, no
+        shape from data."""
         slots, lens, anchors = self.slots[:rows], self.lens[:rows], self.anchors[:rows]
         ctx = [(k[slots, :length], v[slots, :length]) for k, v in self.kv]  # [R_pad, L_pad, Hkv, D]
         hidden = self.drafter.model.backbone(anchors, lens, ctx, lens)  # anchors sit at lens

@@ -160,26 +160,28 @@ class ParallelDrafter(Drafter):
         groups = [Group(slice(r * g, (r + 1) * g), rows[r], None) for r in range(len(caches))]
         anchor_pos = torch.tensor([c.length for c in caches], device=anchors.device)
         hidden = model.backbone(anchors, anchor_pos, ctx_kv, groups)  # [R, g, d]
-        tokens, probs, conf = self.head_steps(hidden, anchors, temperatures, forced=forced)
-        return DraftOutput(tokens, probs, model.vocab.vocab_ids, conf)
+        tokens, probs, conf, q = self.head_steps(hidden, anchors, temperatures, forced=forced)
+        return DraftOutput(tokens, probs, model.vocab.vocab_ids, conf, q)
 
     def head_steps(self, hidden: torch.Tensor, anchors: torch.Tensor,
                    temperatures: torch.Tensor | None, forced: torch.Tensor | None = None,
                    race: torch.Tensor | None = None):
         """Block states hidden [R, g, d] -> (drafts [R, g] target ids, p_d [R, g, Vd],
-        confidences [R, g] or None): base logits, then the head and sampling left to right.
+        confidences [R, g] or None, q [R, g]): base logits, then the head and sampling left to
+        right.
         forced [R, g]: tokens fed back instead of the drafts; race [R, g, Vd]: the sampler's
         Exp(1) draws (graphs.py draws them before a replay)."""
         model = self.model
         base = model.vocab.logits(hidden)  # [R, g, Vd]
         state = hidden.new_zeros(hidden.shape[0], self.config.head_rank)
-        prev, tokens, probs, confs = anchors, [], [], []
+        prev, tokens, probs, confs, qs = anchors, [], [], [], []
         for k in range(self.gamma):
             logits, conf, state = model.head_step(k, hidden, base, prev, state)
-            index, p = self.sample(logits, temperatures, None if race is None else race[:, k])
+            index, p, q = self.sample(logits, temperatures, None if race is None else race[:, k])
             tokens.append(model.vocab.vocab_ids[index])
             probs.append(p)
             confs.append(conf)
+            qs.append(q)
             prev = tokens[-1] if forced is None else forced[:, k]
         conf = torch.sigmoid(torch.stack(confs, 1)) if model.head is not None else None
-        return torch.stack(tokens, 1), torch.stack(probs, 1), conf
+        return torch.stack(tokens, 1), torch.stack(probs, 1), conf, torch.stack(qs, 1)

@@ -1,6 +1,6 @@
 """Allocation policies: how many of each request's drafted tokens the target verifies this round.
 
-    lengths(confidences, gamma, R, priority, other_tokens, draft_seconds, greedy)
+    lengths(confidences, gamma, R, priority, other_tokens, draft_seconds, greedy, token_probs)
         -> l_r in 0..gamma per drafting request
     drafting(other_tokens) -> whether the next round should draft at all
 
@@ -10,7 +10,9 @@ per-request SLA floor; a policy that ranks candidates weighs their survival by i
 floors), and other_tokens, the forward's tokens besides the drafting rows' [anchor, drafts]
 (prefill chunks, rows not drafting): the step's size is other_tokens + R + Σ ℓ; and
 draft_seconds, what drafting took this round; and greedy [R], which requests decode greedily
-(their drafts are accepted by another rule, so the scheduler calibrates them apart). Fixed
+(their drafts are accepted by another rule, so the scheduler calibrates them apart); and
+token_probs [R, gamma], the drafter's own probability of each draft (DraftOutput.token_probs;
+a calibration may weigh it beside the confidence). Fixed
 policies ignore them and always draft; the prefix scheduler process (scheduler/) plugs in
 through the same interface. NumPy arrays only.
 """
@@ -24,7 +26,8 @@ import numpy as np
 class AllocationPolicy(Protocol):
     def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int,
                 priority: np.ndarray | None = None, other_tokens: int = 0,
-                draft_seconds: float = 0.0, greedy: np.ndarray | None = None) -> np.ndarray:
+                draft_seconds: float = 0.0, greedy: np.ndarray | None = None,
+                token_probs: np.ndarray | None = None) -> np.ndarray:
         """-> [R] int verification lengths, each in 0..gamma."""
         ...
 
@@ -45,7 +48,8 @@ class FixedLength:
 
     def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int,
                 priority: np.ndarray | None = None, other_tokens: int = 0,
-                draft_seconds: float = 0.0, greedy: np.ndarray | None = None) -> np.ndarray:
+                draft_seconds: float = 0.0, greedy: np.ndarray | None = None,
+                token_probs: np.ndarray | None = None) -> np.ndarray:
         return np.full(num_requests, min(self.n, gamma), dtype=np.int64)
 
     def drafting(self, other_tokens: int = 0) -> bool:

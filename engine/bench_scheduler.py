@@ -24,7 +24,8 @@ temperature 0 on held-out prompts are served through the production allocation w
                  survival ×e: what a retrained or swapped drafter under old temperatures looks
                  like), without / with online refits
     oracle       STS fitted on the first third of the recorded rounds (it knows the traffic
-                 in advance)
+                 in advance), weighing the drafts' own probabilities beside the confidences
+    oracle-conf  the same fit on the confidences alone (how much the second input adds)
 Rows are shuffled (fixed seed) and split in thirds: the oracle fits on the first, every variant
 replays the second, and the calibration each ends with is scored on the third (full blocks,
 every position labelled; the replay's own labels are censored at ℓ). Reported: Θ (tokens/s
@@ -103,7 +104,8 @@ def recalibration_replay(cfg: SchedulerBenchConfig) -> dict:
     from drafters.registry import load_drafter, resolve_drafter_path
     from engine.calibration_data import calibration_prompts, collect_rounds
     from engine.messages import SamplingParams
-    from scheduler.calibration import Calibration, CalibrationData, fit_sts, load_calibration
+    from scheduler.calibration import (Calibration, CalibrationData, STSConfig, fit_sts,
+                                       load_calibration)
     from scheduler.recalibrate import RecalibrationConfig
     from scheduler.replay import labelled_ece, replay
     from server.text import TextProcessor
@@ -120,15 +122,17 @@ def recalibration_replay(cfg: SchedulerBenchConfig) -> dict:
     # rows come prompt by prompt, domain by domain: shuffle them (fixed seed) so every third,
     # and every stretch of the replay, holds the same mix of traffic
     order = np.random.default_rng(0).permutation(len(data.accepted))
-    z, acc = np.asarray(data.logits)[order], np.asarray(data.accepted)[order]
-    fit, served, scored = (CalibrationData(z[s], acc[s]) for s in np.array_split(np.arange(len(acc)), 3))
+    z, acc, v = (np.asarray(x)[order] for x in (data.logits, data.accepted, data.draft_logits))
+    fit, served, scored = (CalibrationData(z[s], acc[s], None, v[s])
+                           for s in np.array_split(np.arange(len(acc)), 3))
     shipped = load_calibration(resolve_drafter_path(cfg.drafter)) or Calibration.identity(drafter.gamma)
     online = RecalibrationConfig(every=256, min_rounds=512)
     runs = {"shipped": (shipped, None), "shipped+online": (shipped, online),
             "identity": (Calibration.identity(drafter.gamma), None),
             "identity+online": (Calibration.identity(drafter.gamma), online),
             "drifted": (drifted(shipped), None), "drifted+online": (drifted(shipped), online),
-            "oracle": (fit_sts(fit), None)}
+            "oracle": (fit_sts(fit), None),
+            "oracle-conf": (fit_sts(fit, STSConfig(draft_input=False)), None)}
     rows = {}
     for name, (calib, recal) in runs.items():
         result = replay(served, curve, calib, cfg.concurrency, recal)
@@ -138,11 +142,8 @@ def recalibration_replay(cfg: SchedulerBenchConfig) -> dict:
 
 
 def drifted(calibration, shift: float = 1.0):
-    """The same temperatures with every shift raised by `shift` (overconfident)."""
-    from scheduler.calibration import Calibration
-
-    base = calibration.shifts or (0.0,) * len(calibration.temperatures)
-    return Calibration(calibration.temperatures, tuple(b + shift for b in base))
+    """The same calibration with every shift raised by `shift` (overconfident)."""
+    return calibration.shifted(np.full(len(calibration.temperatures), shift))
 
 
 def bench_scheduler(cfg: SchedulerBenchConfig) -> dict:

@@ -3,6 +3,7 @@
 Runs the reference loop (drafters/speculate.py) on held-out prompts with the drafter wrapped in
 a RecordingDrafter, which records per request and round
     z [γ]      the raw confidence logits, logit(c), of the block propose() drafted
+    v [γ]      the drafts' own logits, logit(q) of DraftOutput.token_probs
     accepted   drafts the target kept, read from the extend() that commits the round: it
                carries the anchor plus the accepted drafts, so accepted = len(tokens) − 1
 The loop verifies whole blocks, so every round's label is observed at every position.
@@ -29,8 +30,9 @@ class RecordingDrafter:
         if not drafter.config.has_confidence:
             raise ValueError(f"a {drafter.config.method} drafter has no confidence head to calibrate")
         self.drafter = drafter
-        self._pending: dict[str, np.ndarray] = {}  # rid -> z [γ] of its block in flight
+        self._pending: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # rid -> (z, v) in flight
         self.logits: list[np.ndarray] = []  # per recorded round: z [γ]
+        self.draft_logits: list[np.ndarray] = []  # per recorded round: v [γ]
         self.accepted: list[int] = []  # per recorded round
 
     def __getattr__(self, name):
@@ -39,21 +41,24 @@ class RecordingDrafter:
     def propose(self, rids, anchors, temperatures, forced=None):
         out = self.drafter.propose(rids, anchors, temperatures, forced)
         z = logit(out.confidences.float().cpu().numpy())  # [R, γ]
+        v = logit(out.token_probs.float().cpu().numpy())  # [R, γ]
         for i, rid in enumerate(rids):
-            self._pending[rid] = z[i]
+            self._pending[rid] = z[i], v[i]
         return out
 
     def extend(self, rid: str, tokens: torch.Tensor, features: torch.Tensor) -> None:
         self.drafter.extend(rid, tokens, features)
-        z = self._pending.pop(rid, None)
-        if z is not None:  # the commit of a drafted round: anchor + accepted drafts
-            self.logits.append(z)
+        pending = self._pending.pop(rid, None)
+        if pending is not None:  # the commit of a drafted round: anchor + accepted drafts
+            self.logits.append(pending[0])
+            self.draft_logits.append(pending[1])
             self.accepted.append(int(tokens.shape[0]) - 1)
 
     def data(self) -> CalibrationData:
         gamma = self.drafter.gamma
-        z = np.stack(self.logits) if self.logits else np.zeros((0, gamma))
-        return CalibrationData(z, np.asarray(self.accepted, dtype=np.int64))
+        stack = lambda rows: np.stack(rows) if rows else np.zeros((0, gamma))  # noqa: E731
+        return CalibrationData(stack(self.logits), np.asarray(self.accepted, dtype=np.int64),
+                               draft_logits=stack(self.draft_logits))
 
 
 def collect_rounds(core, drafter, prompts: list[list[int]], params: SamplingParams,

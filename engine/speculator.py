@@ -227,6 +227,7 @@ class Speculator:
         flushed = time.perf_counter()
         out = self.drafter.propose(ids, anchors, temps)
         conf = None if out.confidences is None else out.confidences.cpu().numpy()
+        token_probs = None if out.token_probs is None else out.token_probs.cpu().numpy()
         propose_seconds = time.perf_counter() - flushed
         draft_seconds = steady_draft_seconds(propose_seconds, flushed - start, waiting,
                                              len(rows) * self.counters.tau())
@@ -237,7 +238,8 @@ class Speculator:
         greedy = np.array([r.params.greedy for r in requests])  # [R] each regime's calibration
         asked = time.perf_counter()
         lengths = np.minimum(self.policy.lengths(conf, self.gamma, len(rows), priority, other,
-                                                 draft_seconds + self.round_overhead, greedy),
+                                                 draft_seconds + self.round_overhead, greedy,
+                                                 token_probs),
                              room)
         tokens = out.tokens.tolist()  # [R][gamma]
         for i, row in enumerate(rows):

@@ -2,6 +2,8 @@
 
 Terms, defined once for this module (positions k are 1-based in the math, 0-based in arrays):
     z[n, k]   raw confidence logit of draft position k in calibration round n        [N, γ]
+    v[n, k]   the draft's own logit, logit(q), q = softmax(drafter logits)[draft] at
+              temperature 1 (DraftOutput.token_probs); optional                      [N, γ]
     acc[n]    drafts the target accepted in round n, 0..γ                            [N]
     ver[n]    drafts the target verified in round n (γ when the whole block was)     [N]
     y[n, k]   = 1[acc[n] >= k]: "the prefix of length k was fully accepted"
@@ -10,17 +12,26 @@ Terms, defined once for this module (positions k are 1-based in the math, 0-base
               that passed stay unknown would select on the outcome and bias every fit to 0.
               Selecting on ver (which the scheduler sets from confidences alone) does not bias
               P(y | z).
-    a[n, k]   = Π_{i<=k} σ(z[n, i] / T_i + b_i): calibrated prefix survival
-              (T = 1, b = 0: uncalibrated; b = 0 is the paper's STS)
+    u[n, k]   = z[n, k] / T_k + w_k v[n, k] + b_k
+    a[n, k]   = Π_{i<=k} σ(u[n, i]): calibrated prefix survival
+              (T = 1, w = b = 0: uncalibrated; w = b = 0 is the paper's STS)
 STS fits T_1..T_γ left to right: with T_1..T_{k-1} fixed,
     T_k = argmin_{T in grid} ECE(a[·, k](T), y[·, k])      (a 1-D grid search)
 A temperature only stretches logits around 0, so a confidence head that is biased (e.g. reports
 0.33 where 0.30 of its first drafts pass, measured on the shipped drafter) stays off by the bias.
-With fit_shift (the default) each position also gets a shift b_k, and (T_k, b_k) minimise the
-log loss of a[·, k] against y[·, k] (alternating golden-section searches over log T and b,
-`sweeps` times; the loss is convex in (1/T, b) for position 1). Not the ECE: with a free shift, ECE is minimised by
-collapsing a position to a constant at its base rate (one bin, no error, no information), which
-a proper score rules out. ECE stays the yardstick the reports and the online drift check use.
+With fit_shift (the default) each position also gets a shift b_k, and, when the rounds carry v,
+a weight w_k of the draft's own logit: the confidence head learns survival under the rejection
+rule (1 − TV), while a greedy request keeps a draft only when it is the target's argmax, which
+the drafter's belief in its own argmax predicts better (held-out AUROC at position 1 on greedy
+rounds: 0.68 from z alone, see the README). θ_k = (1/T_k, w_k, b_k) minimise the log loss of
+a[·, k] = p · σ(x θ_k) against y[·, k], p = a[·, k−1] fixed, x = (z, v, 1), by Fisher scoring:
+    ∂L/∂u  = −y (1 − σ) + (1 − y) a (1 − σ) / (1 − a)           (per row, mean over rows)
+    F      = xᵀ diag(p σ (1 − σ)² / (1 − a)) x / N              (the expected Hessian, PSD)
+    θ     ← clip_box(θ − t F⁻¹ xᵀ ∂L/∂u / N), t halved until the loss falls
+(at position 1, p = 1: this is logistic regression's IRLS). Not the ECE: with a free shift, ECE
+is minimised by collapsing a position to a constant at its base rate (one bin, no error, no
+information), which a proper score rules out. ECE stays the yardstick the reports and the online
+drift check use.
 ECE with `bins` equal-width bins over [0, 1]:
     ECE = Σ_b (n_b / N) |mean_b(a) − mean_b(y)| = Σ_b |Σ_{n in b} a_n − Σ_{n in b} y_n| / N
 AUROC = P(a of a random positive > a of a random negative), ties counting 1/2.
@@ -60,13 +71,15 @@ class STSConfig:
     grid_size: int = 241  # neighbours differ by (t_max / t_min)^(1/240) - 1 ≈ 2.5%
     fit_shift: bool = True  # also fit a per-position shift b_k, by log loss (module docstring)
     shift_max: float = 2.0  # b in [-shift_max, shift_max]
-    sweeps: int = 4  # alternations of the temperature and shift searches
+    draft_input: bool = True  # with fit_shift: also fit w_k when the rounds carry v
+    weight_max: float = 4.0  # w in [-weight_max, weight_max]
+    steps: int = 50  # Fisher-scoring steps at most
 
     def __post_init__(self) -> None:
         if self.bins < 1 or self.grid_size < 2 or not 0 < self.t_min < 1 < self.t_max:
             raise ValueError("STS needs bins >= 1, grid_size >= 2 and t_min < 1 < t_max")
-        if self.shift_max <= 0 or self.sweeps < 1:
-            raise ValueError("shift fitting needs shift_max > 0 and sweeps >= 1")
+        if self.shift_max <= 0 or self.weight_max < 0 or self.steps < 1:
+            raise ValueError("log-loss fitting needs shift_max > 0, weight_max >= 0, steps >= 1")
 
     def grid(self) -> np.ndarray:
         return np.geomspace(self.t_min, self.t_max, self.grid_size)  # [G]
@@ -80,11 +93,15 @@ class CalibrationData:
     logits: np.ndarray  # [N, γ] raw confidence logits z
     accepted: np.ndarray  # [N] accepted drafts per round, 0..γ
     verified: np.ndarray | None = None  # [N] verified drafts per round; None: all γ
+    draft_logits: np.ndarray | None = None  # [N, γ] the drafts' own logits v; None: not recorded
 
     def __post_init__(self) -> None:
         z, acc = np.asarray(self.logits), np.asarray(self.accepted)
         if z.ndim != 2 or acc.shape != (z.shape[0],):
             raise ValueError(f"logits must be [N, gamma] and accepted [N]; got {z.shape}, {acc.shape}")
+        if self.draft_logits is not None and np.shape(self.draft_logits) != z.shape:
+            raise ValueError(f"draft_logits must be shaped like logits {z.shape}, "
+                             f"got {np.shape(self.draft_logits)}")
         ver = self.num_verified()
         if np.any(acc < 0) or np.any(acc > ver) or np.any(ver > z.shape[1]):
             raise ValueError("need 0 <= accepted <= verified <= gamma in every round")
@@ -111,40 +128,55 @@ def prefix_labels(accepted: np.ndarray, verified: np.ndarray, gamma: int):
 
 @dataclass(frozen=True)
 class Calibration:
-    """Fitted per-position temperatures (and shifts); turns raw confidences into calibrated
-    prefix survival."""
+    """Fitted per-position temperatures (and shifts, and draft weights); turns raw confidences
+    (and the drafts' own probabilities) into calibrated prefix survival."""
 
     temperatures: tuple[float, ...]  # [γ] T_k
     shifts: tuple[float, ...] = ()  # [γ] b_k (empty: all 0, the paper's STS)
+    draft_weights: tuple[float, ...] = ()  # [γ] w_k of the draft logit v_k (empty: all 0)
 
     def __post_init__(self) -> None:
         if not self.temperatures or any(not t > 0 for t in self.temperatures):
             raise ValueError(f"temperatures must be positive, got {self.temperatures}")
-        if self.shifts and len(self.shifts) != len(self.temperatures):
-            raise ValueError("need one shift per temperature")
+        for name in ("shifts", "draft_weights"):
+            if getattr(self, name) and len(getattr(self, name)) != len(self.temperatures):
+                raise ValueError(f"need one of the {name} per temperature")
 
     @classmethod
     def identity(cls, gamma: int) -> Calibration:
         return cls((1.0,) * gamma)
 
-    def survival_from_logits(self, z: np.ndarray) -> np.ndarray:
-        """z: [R, γ] raw logits -> a [R, γ], a_k = Π_{i<=k} σ(z_i / T_i + b_i)."""
-        return np.cumprod(sigmoid(self.position_logits(z)), axis=1)
+    @property
+    def uses_draft_probs(self) -> bool:
+        """Does survival need the drafts' own probabilities (some w_k != 0)?"""
+        return any(w != 0.0 for w in self.draft_weights)
 
-    def survival(self, confidences: np.ndarray) -> np.ndarray:
-        """confidences: [R, γ] c_k = σ(z_k) as the drafter reports them -> a [R, γ]."""
-        return self.survival_from_logits(logit(confidences))
+    def survival_from_logits(self, z: np.ndarray, v: np.ndarray | None = None) -> np.ndarray:
+        """z, v: [R, γ] raw and draft logits -> a [R, γ], a_k = Π_{i<=k} σ(u_i)."""
+        return np.cumprod(sigmoid(self.position_logits(z, v)), axis=1)
 
-    def position_logits(self, z: np.ndarray) -> np.ndarray:
-        """z: [N, γ] raw logits -> u [N, γ], u_k = z_k / T_k + b_k (a_k = Π_{i<=k} σ(u_i))."""
+    def survival(self, confidences: np.ndarray, draft_probs: np.ndarray | None = None) -> np.ndarray:
+        """confidences: [R, γ] c_k = σ(z_k) as the drafter reports them, draft_probs: [R, γ]
+        q_k (DraftOutput.token_probs; needed when uses_draft_probs) -> a [R, γ]."""
+        return self.survival_from_logits(logit(confidences),
+                                         None if draft_probs is None else logit(draft_probs))
+
+    def position_logits(self, z: np.ndarray, v: np.ndarray | None = None) -> np.ndarray:
+        """z, v: [N, γ] raw and draft logits -> u [N, γ], u_k = z_k / T_k + w_k v_k + b_k."""
         g = z.shape[1]
-        return z / np.asarray(self.temperatures[:g]) + (np.asarray(self.shifts[:g])
-                                                        if self.shifts else 0.0)
+        u = z / np.asarray(self.temperatures[:g]) + (np.asarray(self.shifts[:g])
+                                                     if self.shifts else 0.0)
+        if not self.uses_draft_probs:
+            return u
+        if v is None:
+            raise ValueError("this calibration weighs the drafts' own probabilities: pass them")
+        return u + np.asarray(self.draft_weights[:g]) * v
 
     def shifted(self, delta: np.ndarray) -> Calibration:
-        """The same temperatures with every shift moved by delta [γ]: b_k + δ_k."""
+        """The same temperatures and weights with every shift moved by delta [γ]: b_k + δ_k."""
         base = np.asarray(self.shifts) if self.shifts else np.zeros(len(self.temperatures))
-        return Calibration(self.temperatures, tuple((base + np.asarray(delta)).tolist()))
+        return Calibration(self.temperatures, tuple((base + np.asarray(delta)).tolist()),
+                           self.draft_weights)
 
 
 # ---- metrics ---------------------------------------------------------------------------------
@@ -242,72 +274,94 @@ def _log_loss(prefix: np.ndarray, u: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(np.where(y, np.log(a), np.log1p(-a))))
 
 
-def _golden_min(f, lo: float, hi: float, iters: int = 40) -> float:
-    """argmin of a unimodal f on [lo, hi] by golden-section search (interval shrinks 0.618×
-    per step: 40 steps leave 1e-8 of it)."""
-    g = (np.sqrt(5.0) - 1.0) / 2.0
-    a, b = lo, hi
-    c, d = b - g * (b - a), a + g * (b - a)
-    fc, fd = f(c), f(d)
-    for _ in range(iters):
-        if fc <= fd:
-            b, d, fd = d, c, fc
-            c = b - g * (b - a)
-            fc = f(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + g * (b - a)
-            fd = f(d)
-    return (a + b) / 2.0
-
-
 def _best_temperature(temps: np.ndarray, errors: np.ndarray) -> float:
     """The grid temperature of least error; ties go to the one nearest 1."""
     best = np.flatnonzero(errors <= errors.min() + 1e-12)
     return float(temps[best[np.argmin(np.abs(np.log(temps[best])))]])
 
 
-def best_scaling(prefix: np.ndarray, z: np.ndarray, y: np.ndarray,
-                 config: STSConfig) -> tuple[float, float]:
-    """prefix: [N] a_{k-1} (fixed), z: [N] logits of position k, y: [N] labels of position k
-    -> (T, b) for a = prefix · σ(z / T + b). Without fit_shift: the paper's STS, T of least ECE
-    on the grid, b = 0. With it: T in [t_min, t_max] and b in ±shift_max of least log loss, by
-    alternating golden-section searches (over log T, then b; `sweeps` times)."""
+def fisher_scoring(prefix: np.ndarray, x: np.ndarray, y: np.ndarray, theta: np.ndarray,
+                   lo: np.ndarray, hi: np.ndarray, steps: int) -> np.ndarray:
+    """prefix: [N] fixed a_{k-1}, x: [N, P] inputs, y: [N] labels, theta: [P] start inside
+    [lo, hi] -> θ of least log loss of prefix · σ(x θ) found by the module docstring's steps."""
+    loss = _log_loss(prefix, x @ theta, y)
+    for _ in range(steps):
+        s = sigmoid(x @ theta)  # [N]
+        a = np.minimum(prefix * s, 1.0 - 1e-12)
+        grad_u = np.where(y, -(1.0 - s), a * (1.0 - s) / (1.0 - a))  # [N] ∂L/∂u
+        weight = a * (1.0 - s) ** 2 / (1.0 - a)  # [N] Fisher information of u
+        fisher = (x * weight[:, None]).T @ x + 1e-9 * len(y) * np.eye(x.shape[1])  # [P, P]
+        step = np.linalg.solve(fisher, x.T @ grad_u)  # [P]
+        t = 1.0
+        while t > 1e-3:
+            new = np.clip(theta - t * step, lo, hi)
+            new_loss = _log_loss(prefix, x @ new, y)
+            if new_loss < loss:
+                break
+            t /= 2.0
+        else:
+            return theta  # no step lowers the loss: a minimum within the box
+        done = loss - new_loss < 1e-10
+        theta, loss = new, new_loss
+        if done:
+            break
+    return theta
+
+
+def best_scaling(prefix: np.ndarray, z: np.ndarray, y: np.ndarray, config: STSConfig,
+                 v: np.ndarray | None = None) -> tuple[float, float, float]:
+    """prefix: [N] a_{k-1} (fixed), z: [N] logits of position k, y: [N] labels of position k,
+    v: [N] draft logits or None -> (T, b, w) for a = prefix · σ(z / T + w v + b). Without
+    fit_shift: the paper's STS, T of least ECE on the grid, b = w = 0. With it: the least log
+    loss with T in [t_min, t_max], |b| <= shift_max, |w| <= weight_max (w = 0 without v)."""
     if z.size == 0:
-        return 1.0, 0.0
+        return 1.0, 0.0, 0.0
     if not config.fit_shift:
         temps = config.grid()
         return _best_temperature(temps, _grid_errors(prefix, z[None] / temps[:, None], y,
-                                                      config.bins)), 0.0
-    t, b = 1.0, 0.0
-    for _ in range(config.sweeps):
-        t = float(np.exp(_golden_min(lambda lt: _log_loss(prefix, z / np.exp(lt) + b, y),
-                                     np.log(config.t_min), np.log(config.t_max))))
-        b = _golden_min(lambda s: _log_loss(prefix, z / t + s, y), -config.shift_max,
-                        config.shift_max)
-    return t, b
+                                                      config.bins)), 0.0, 0.0
+    ones = np.ones_like(z)
+    x = np.stack([z, ones] if v is None else [z, ones, v], axis=1)  # [N, P] (z, 1[, v])
+    w_max = [] if v is None else [config.weight_max]
+    lo = np.array([1.0 / config.t_max, -config.shift_max] + [-w for w in w_max])
+    hi = np.array([1.0 / config.t_min, config.shift_max] + w_max)
+    theta = fisher_scoring(prefix, x, y, np.r_[1.0, 0.0, [0.0] * len(w_max)], lo, hi,
+                           config.steps)
+    return 1.0 / theta[0], float(theta[1]), float(theta[2]) if v is not None else 0.0
 
 
 def fit_sts(data: CalibrationData, config: STSConfig = STSConfig(), min_labels: int = 0,
             keep: Calibration | None = None) -> Calibration:
-    """(T_k, b_k) for k = 1..γ left to right, each on the rounds that verified that position.
-    A position with fewer than min_labels such rounds is not fitted (a fit on a handful of
-    labels lands anywhere in the range): it keeps keep's (T_k, b_k), or (1, 0)."""
+    """(T_k, b_k, w_k) for k = 1..γ left to right, each on the rounds that verified that
+    position; w_k only when the data carries draft logits and config.draft_input. A position
+    with fewer than min_labels such rounds is not fitted (a fit on a handful of labels lands
+    anywhere in the range): it keeps keep's (T_k, b_k, w_k), or (1, 0, 0)."""
     z = np.asarray(data.logits, dtype=np.float64)  # [N, γ]
+    weighed = config.fit_shift and config.draft_input and data.draft_logits is not None
+    v = np.asarray(data.draft_logits, dtype=np.float64) if weighed else np.zeros_like(z)
     y, known = data.labels()  # [N, γ] each
     prefix = np.ones(z.shape[0])  # [N] a_{k-1}, a_0 = 1
-    temps, shifts = [], []
+    fitted = []  # [(T, b, w)] per position
     for k in range(data.gamma):
         rows = known[:, k]
         if rows.sum() < min_labels:
-            t = keep.temperatures[k] if keep else 1.0
-            b = keep.shifts[k] if keep and keep.shifts else 0.0
+            fitted.append(_kept(keep, k))
         else:
-            t, b = best_scaling(prefix[rows], z[rows, k], y[rows, k], config)
-        temps.append(t)
-        shifts.append(b)
-        prefix = prefix * sigmoid(z[:, k] / t + b)
-    return Calibration(tuple(temps), tuple(shifts) if config.fit_shift else ())
+            fitted.append(best_scaling(prefix[rows], z[rows, k], y[rows, k], config,
+                                       v[rows, k] if weighed else None))
+        t, b, w = fitted[-1]
+        prefix = prefix * sigmoid(z[:, k] / t + b + w * v[:, k])
+    temps, shifts, weights = (tuple(float(p[i]) for p in fitted) for i in range(3))
+    return Calibration(temps, shifts if config.fit_shift else (),
+                       weights if any(weights) else ())
+
+
+def _kept(keep: Calibration | None, k: int) -> tuple[float, float, float]:
+    """Position k's (T, b, w) in keep, or (1, 0, 0)."""
+    if keep is None:
+        return 1.0, 0.0, 0.0
+    return (keep.temperatures[k], keep.shifts[k] if keep.shifts else 0.0,
+            keep.draft_weights[k] if keep.draft_weights else 0.0)
 
 
 @dataclass(frozen=True)
@@ -326,10 +380,12 @@ class CalibrationReport:
     holdout_ece_after: tuple[float, ...] = ()  # [γ]
     num_holdout_rounds: int = 0
     shifts: tuple[float, ...] = ()  # [γ] (empty: all 0)
+    draft_weights: tuple[float, ...] = ()  # [γ] (empty: all 0)
+    auroc_holdout: tuple[float, ...] = ()  # [γ] AUROC after calibration on the hold-out
 
     @property
     def calibration(self) -> Calibration:
-        return Calibration(self.temperatures, self.shifts)
+        return Calibration(self.temperatures, self.shifts, self.draft_weights)
 
     def to_dict(self) -> dict:
         return {"format": 1, "temperatures": list(self.temperatures), "shifts": list(self.shifts),
@@ -339,7 +395,9 @@ class CalibrationReport:
                 "auroc_after": _json_floats(self.auroc_after),
                 "holdout_ece_before": list(self.holdout_ece_before),
                 "holdout_ece_after": list(self.holdout_ece_after),
-                "num_holdout_rounds": self.num_holdout_rounds}
+                "num_holdout_rounds": self.num_holdout_rounds,
+                "draft_weights": list(self.draft_weights),
+                "auroc_holdout": _json_floats(self.auroc_holdout)}
 
     @classmethod
     def from_dict(cls, d: dict) -> CalibrationReport:
@@ -348,7 +406,8 @@ class CalibrationReport:
                    tuple(d["ece_after"]), nan(d["auroc_before"]), nan(d["auroc_after"]),
                    int(d["num_rounds"]), int(d.get("bins", 20)),
                    tuple(d.get("holdout_ece_before", ())), tuple(d.get("holdout_ece_after", ())),
-                   int(d.get("num_holdout_rounds", 0)), tuple(map(float, d.get("shifts", ()))))
+                   int(d.get("num_holdout_rounds", 0)), tuple(map(float, d.get("shifts", ()))),
+                   tuple(map(float, d.get("draft_weights", ()))), nan(d.get("auroc_holdout", ())))
 
 
 def _json_floats(xs) -> list:
@@ -357,7 +416,8 @@ def _json_floats(xs) -> list:
 
 def position_metrics(data: CalibrationData, calibration: Calibration, bins: int = 20):
     """-> (ECE [γ], AUROC [γ]) of a[·, k] against y[·, k] on the rounds counted at k."""
-    a = calibration.survival_from_logits(np.asarray(data.logits, dtype=np.float64))
+    a = calibration.survival_from_logits(np.asarray(data.logits, dtype=np.float64),
+                                         data.draft_logits)
     y, known = data.labels()
     eces, aucs = [], []
     for k in range(data.gamma):
@@ -376,12 +436,14 @@ def calibrate(data: CalibrationData, config: STSConfig = STSConfig(),
     ece0, auc0 = position_metrics(data, identity, config.bins)
     ece1, auc1 = position_metrics(data, fitted, config.bins)
     held: tuple = ((), (), 0)
+    held_auc: tuple = ()
     if holdout is not None and len(holdout.accepted):
-        held = (position_metrics(holdout, identity, config.bins)[0],
-                position_metrics(holdout, fitted, config.bins)[0], len(holdout.accepted))
+        after, held_auc = position_metrics(holdout, fitted, config.bins)
+        held = (position_metrics(holdout, identity, config.bins)[0], after, len(holdout.accepted))
     return CalibrationReport(fitted.temperatures, ece0, ece1, auc0, auc1,
                              int(np.asarray(data.accepted).shape[0]), config.bins, *held,
-                             shifts=fitted.shifts)
+                             shifts=fitted.shifts, draft_weights=fitted.draft_weights,
+                             auroc_holdout=held_auc)
 
 
 # ---- storage next to the drafter, and the reliability diagram ---------------------------------
@@ -407,16 +469,19 @@ def load_calibration(drafter_dir: str | Path, greedy: bool = False) -> Calibrati
 
 
 def save_rounds(path: str | Path, data: CalibrationData) -> Path:
-    """Recorded rounds as .npz (z, accepted, verified), e.g. for replaying them later."""
+    """Recorded rounds as .npz (z, accepted, verified[, v]), e.g. for replaying them later."""
     path = Path(path)
+    extra = ({} if data.draft_logits is None
+             else {"draft_logits": np.asarray(data.draft_logits, dtype=np.float64)})
     np.savez_compressed(path, logits=np.asarray(data.logits, dtype=np.float64),
-                        accepted=np.asarray(data.accepted), verified=data.num_verified())
+                        accepted=np.asarray(data.accepted), verified=data.num_verified(), **extra)
     return path
 
 
 def load_rounds(path: str | Path) -> CalibrationData:
     with np.load(path) as f:
-        return CalibrationData(f["logits"].astype(np.float64), f["accepted"], f["verified"])
+        v = f["draft_logits"].astype(np.float64) if "draft_logits" in f.files else None
+        return CalibrationData(f["logits"].astype(np.float64), f["accepted"], f["verified"], v)
 
 
 def load_report(drafter_dir: str | Path, greedy: bool = False) -> CalibrationReport | None:
@@ -436,7 +501,7 @@ def plot_reliability(data: CalibrationData, report: CalibrationReport, path: str
     z = np.asarray(data.logits, dtype=np.float64)
     y, known = data.labels()
     curves = {"before": Calibration.identity(data.gamma).survival_from_logits(z),
-              "after STS": report.calibration.survival_from_logits(z)}
+              "after STS": report.calibration.survival_from_logits(z, data.draft_logits)}
     cols = min(4, data.gamma)
     rows = -(-data.gamma // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)

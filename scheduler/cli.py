@@ -41,6 +41,8 @@ def add_commands(sub) -> None:
     c.add_argument("--rounds-in", default=None, help="fit on rounds saved by --rounds-out instead of "
                    "generating new ones (its *-holdout.npz, when present, is the hold-out)")
     c.add_argument("--json", default=None, help="also write the report here")
+    c.add_argument("--no-draft-input", action="store_true", help="calibrate the confidences "
+                   "alone (the drafts' own probabilities get no weight)")
     c.add_argument("--model", default="", help="target checkpoint (default: the embedded model)")
     c.add_argument("--num-threads", type=int, default=0)
     p = sub.add_parser("profile", formatter_class=fmt,
@@ -186,10 +188,10 @@ def _saved_rounds(path: str):
 
 
 def _fit_and_report(args, path: Path, data, holdout, source: str) -> int:
-    from scheduler.calibration import calibrate, plot_reliability, save_calibration
+    from scheduler.calibration import STSConfig, calibrate, plot_reliability, save_calibration
 
     greedy = args.temperature == 0
-    report = calibrate(data, holdout=holdout)
+    report = calibrate(data, STSConfig(draft_input=not args.no_draft_input), holdout=holdout)
     saved = save_calibration(path, report, greedy)
     plot = plot_reliability(data, report, args.plot or path / ("reliability-greedy.png" if greedy
                                                                else "reliability.png"))
@@ -198,16 +200,17 @@ def _fit_and_report(args, path: Path, data, holdout, source: str) -> int:
     print(f"{report.num_rounds} rounds from {source}; temperatures and metrics "
           f"in {saved}, reliability diagram {plot}")
     held = report.num_holdout_rounds
-    print("position  T       b       ECE before  ECE after  AUROC before  AUROC after"
-          + (f"  held-out ECE before  after ({held} rounds)" if held else ""))
+    print("position  T       b       w      ECE before  ECE after  AUROC before  AUROC after"
+          + (f"  held-out ECE before  after  AUROC ({held} rounds)" if held else ""))
     for k, t in enumerate(report.temperatures):
         b = report.shifts[k] if report.shifts else 0.0
-        line = (f"{k + 1:8d}  {t:6.3f}  {b:+6.2f}  {100 * report.ece_before[k]:9.2f}%  "
+        w = report.draft_weights[k] if report.draft_weights else 0.0
+        line = (f"{k + 1:8d}  {t:6.3f}  {b:+6.2f}  {w:5.2f}  {100 * report.ece_before[k]:9.2f}%  "
                 f"{100 * report.ece_after[k]:8.2f}%  {report.auroc_before[k]:12.3f}  "
                 f"{report.auroc_after[k]:11.3f}")
         if held:
             line += (f"  {100 * report.holdout_ece_before[k]:19.2f}%  "
-                     f"{100 * report.holdout_ece_after[k]:5.2f}%")
+                     f"{100 * report.holdout_ece_after[k]:5.2f}%  {report.auroc_holdout[k]:5.3f}")
         print(line)
     return 0
 

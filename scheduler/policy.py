@@ -1,7 +1,8 @@
 """The prefix scheduler as an engine allocation policy (engine/allocation.py's interface).
 
 Every round t the engine calls lengths(confidences [R, γ], γ, R). The policy
-    1. turns the drafter's confidences into calibrated prefix survival a [R, γ]
+    1. turns the drafter's confidences (and its own probabilities of the drafts, token_probs,
+       where the calibration weighs them) into calibrated prefix survival a [R, γ]
        (scheduler/calibration.py; plain Π c without a calibration);
     2. collects whatever answers the scheduler process has sent, and sends it snapshot t,
        without waiting for anything;
@@ -91,6 +92,7 @@ class PrefixSchedulerPolicy:
         self.regimes = (sampled, greedy)  # indexed by "the request is greedy"
         self._last_confidences: np.ndarray | None = None  # [R, γ] of the latest round
         self._last_greedy: np.ndarray | None = None  # [R] bool of the latest round
+        self._last_token_probs: np.ndarray | None = None  # [R, γ] of the latest round
         self.process: SchedulerProcess | None = SchedulerProcess(curve, config.max_in_flight_bytes)
         self.round = 0
         self._pending: dict[int, Answer] = {}  # answers whose round has not come yet
@@ -103,17 +105,20 @@ class PrefixSchedulerPolicy:
     # ---- the AllocationPolicy interface --------------------------------------------------------
     def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int,
                 priority: np.ndarray | None = None, other_tokens: int = 0,
-                draft_seconds: float = 0.0, greedy: np.ndarray | None = None) -> np.ndarray:
+                draft_seconds: float = 0.0, greedy: np.ndarray | None = None,
+                token_probs: np.ndarray | None = None) -> np.ndarray:
         """confidences: [R, γ] drafter c_k (or None), priority: [R] weights >= 1 or None,
         other_tokens: the forward's tokens besides the drafting rows' [anchor, drafts],
         draft_seconds: what drafting this round took, greedy: [R] bool, which requests decode
-        greedily (None: none) -> ℓ [R]."""
+        greedily (None: none), token_probs: [R, γ] the drafts' own probabilities q_k (None:
+        not reported; a calibration that weighs them then raises) -> ℓ [R]."""
         full = np.full(num_requests, gamma, dtype=np.int64)
         if confidences is None or num_requests == 0:
             return full
         greedy = np.zeros(num_requests, bool) if greedy is None else np.asarray(greedy, bool)
         self._last_confidences, self._last_greedy = np.asarray(confidences), greedy
-        a = self.survival(confidences, greedy)  # [R, γ]
+        self._last_token_probs = None if token_probs is None else np.asarray(token_probs)
+        a = self.survival(confidences, greedy, token_probs)  # [R, γ]
         self._last_survival = a
         t, self.round = self.round, self.round + 1
         d = draft_seconds if self.config.draft_cost else 0.0
@@ -135,15 +140,18 @@ class PrefixSchedulerPolicy:
         newest = max(self._pending.values(), key=lambda a: a.round, default=self._current)
         return newest is None or newest.drafts(other_tokens)
 
-    def survival(self, confidences: np.ndarray, greedy: np.ndarray | None = None) -> np.ndarray:
-        """[R, γ] drafter confidences, [R] greedy mask -> calibrated prefix survival [R, γ],
-        each row by its regime's calibration."""
+    def survival(self, confidences: np.ndarray, greedy: np.ndarray | None = None,
+                 token_probs: np.ndarray | None = None) -> np.ndarray:
+        """[R, γ] drafter confidences, [R] greedy mask, [R, γ] token_probs or None ->
+        calibrated prefix survival [R, γ], each row by its regime's calibration."""
         sampled, greedy_cal = self.regimes
         if greedy is None or greedy_cal is sampled or not greedy.any():
-            return sampled.survival(confidences)
-        a = greedy_cal.survival(confidences)
+            return sampled.survival(confidences, token_probs)
+        a = greedy_cal.survival(confidences, token_probs)
         if not greedy.all():
-            a[~greedy] = sampled.survival(np.asarray(confidences)[~greedy])
+            rest = ~greedy
+            a[rest] = sampled.survival(np.asarray(confidences)[rest],
+                                       None if token_probs is None else token_probs[rest])
         return a
 
     @property
@@ -230,10 +238,11 @@ class PrefixSchedulerPolicy:
             self._online = OnlineCalibration(a.shape[1], self.config.ece_bins)
         accepted, verified = np.asarray(accepted), np.asarray(verified)
         self._online.update(a, accepted, verified)
-        c, greedy = self._last_confidences, self._last_greedy
+        c, greedy, q = self._last_confidences, self._last_greedy, self._last_token_probs
         swapped = False
         for regime, rows in self._regime_rows(greedy):
-            swapped |= regime.observe(c[rows], accepted[rows], verified[rows])
+            swapped |= regime.observe(c[rows], accepted[rows], verified[rows],
+                                      None if q is None else q[rows])
         if swapped:
             self._online = None  # the online error restarts under the new calibration
 

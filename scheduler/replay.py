@@ -2,7 +2,7 @@
 
 Recorded rounds (calibration.py's CalibrationData from full-block rounds: every position's
 outcome is known) are served `concurrency` rows at a time, as one batch per round t:
-    a_t   = calibration.survival_from_logits(z_t)                        [c, γ]
+    a_t   = calibration.survival_from_logits(z_t, v_t)                   [c, γ]
     K_t   = global_capacity(a_{t−lag}, curve)  (full blocks for t < lag)
     ℓ_t   = top_k_lengths(a_t, K_t)                                      [c]
     acc   = min(accepted, ℓ_t)   (what the target would have kept of ℓ verified drafts)
@@ -38,13 +38,15 @@ class ReplayResult:
                 "tokens_per_round": round(self.tokens_per_round, 4),
                 "mean_verify_len": round(self.mean_verify_len, 4), "refits": self.refits,
                 "final_temperatures": [round(t, 3) for t in self.final.temperatures],
-                "final_shifts": [round(b, 3) for b in self.final.shifts]}
+                "final_shifts": [round(b, 3) for b in self.final.shifts],
+                "final_draft_weights": [round(w, 3) for w in self.final.draft_weights]}
 
 
 def labelled_ece(data: CalibrationData, calibration: Calibration) -> float:
     """ECE of `calibration` over every (round, position) label of `data`, per-position bins,
     weighted by labels (OnlineCalibration.error's definition)."""
-    a = calibration.survival_from_logits(np.asarray(data.logits, dtype=np.float64))
+    a = calibration.survival_from_logits(np.asarray(data.logits, dtype=np.float64),
+                                         data.draft_logits)
     score = OnlineCalibration(data.gamma)
     score.update(a, np.asarray(data.accepted), data.num_verified())
     return score.error()
@@ -54,6 +56,7 @@ def replay(data: CalibrationData, curve: ThroughputCurve, calibration: Calibrati
            concurrency: int, recalibration: RecalibrationConfig | None = None,
            lag: int = 2) -> ReplayResult:
     z = np.asarray(data.logits, dtype=np.float64)  # [N, γ]
+    v = data.draft_logits  # [N, γ] or None
     accepted = np.asarray(data.accepted)  # [N]
     gamma, rounds = z.shape[1], len(accepted) // concurrency
     recal = OnlineRecalibrator(gamma, recalibration) if recalibration else None
@@ -61,7 +64,8 @@ def replay(data: CalibrationData, curve: ThroughputCurve, calibration: Calibrati
     tokens = seconds = verified = 0.0
     for t in range(rounds):
         rows = slice(t * concurrency, (t + 1) * concurrency)
-        a = calibration.survival_from_logits(z[rows])  # [c, γ]
+        v_t = None if v is None else v[rows]
+        a = calibration.survival_from_logits(z[rows], v_t)  # [c, γ]
         k = global_capacity(history[t - lag], curve) if t >= lag else a.size
         history.append(a)
         ell = top_k_lengths(a, k)  # [c]
@@ -70,7 +74,7 @@ def replay(data: CalibrationData, curve: ThroughputCurve, calibration: Calibrati
         seconds += 1.0 / float(curve.sps(concurrency + int(ell.sum())))
         verified += ell.sum()
         if recal is not None:
-            recal.update(z[rows], acc, ell)
+            recal.update(z[rows], acc, ell, v_t)
             calibration = recal.maybe_refit(calibration) or calibration
     n = max(1, rounds * concurrency)
     return ReplayResult(float(tokens / seconds) if seconds else 0.0, float(tokens / n),

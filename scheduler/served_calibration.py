@@ -41,29 +41,33 @@ class ServedCalibration:
         self._since_offsets = 0  # rows observed since the offsets were fitted
         self._offsets: tuple[Calibration, Future] | None = None  # (base, fit in flight)
 
-    def survival(self, confidences: np.ndarray) -> np.ndarray:
-        """[R, γ] drafter confidences -> calibrated prefix survival [R, γ] (Π c without one),
-        through the online offsets once there are some."""
+    def survival(self, confidences: np.ndarray, token_probs: np.ndarray | None = None
+                 ) -> np.ndarray:
+        """[R, γ] drafter confidences (and the drafts' own probabilities, for a calibration
+        that weighs them) -> calibrated prefix survival [R, γ] (Π c without one), through the
+        online offsets once there are some."""
         c = np.asarray(confidences, dtype=np.float64)
         served = self.served or self.calibration
         if served is None:
             return np.cumprod(np.clip(c, 0.0, 1.0), axis=1)
-        return served.survival(c)
+        return served.survival(c, token_probs)
 
     @property
     def refits(self) -> int:
         return self._recalibrator.refits if self._recalibrator else 0
 
-    def observe(self, confidences: np.ndarray, accepted: np.ndarray, verified: np.ndarray) -> bool:
-        """Served rows of this regime: confidences [n, γ], accepted, verified [n].
-        -> whether a refitted calibration was swapped in."""
+    def observe(self, confidences: np.ndarray, accepted: np.ndarray, verified: np.ndarray,
+                token_probs: np.ndarray | None = None) -> bool:
+        """Served rows of this regime: confidences [n, γ], accepted, verified [n],
+        token_probs [n, γ] or None. -> whether a refitted calibration was swapped in."""
         if self.recalibration is None or len(accepted) == 0:
             return False
         gamma = confidences.shape[1]
         if self._recalibrator is None or self._recalibrator.gamma != gamma:
             self._recalibrator = OnlineRecalibrator(gamma, self.recalibration)
         recal = self._recalibrator
-        recal.update(logit(np.asarray(confidences, dtype=np.float64)), accepted, verified)
+        recal.update(logit(np.asarray(confidences, dtype=np.float64)), accepted, verified,
+                     None if token_probs is None else logit(token_probs))
         self._fit_offsets(len(accepted))
         swapped = False
         if self._refit is not None:
@@ -97,9 +101,10 @@ class ServedCalibration:
             return False
         self.served, self._since_offsets = None, 0  # offsets restart over the new calibration
         log.info("%s confidences drifted (window ECE %.2f%% above noise): refitted to T = %s, "
-                 "b = %s", self.name, 100 * self._recalibrator.last_drift,
+                 "b = %s, w = %s", self.name, 100 * self._recalibrator.last_drift,
                  ", ".join(f"{t:.2f}" for t in fitted.temperatures),
-                 ", ".join(f"{b:+.2f}" for b in fitted.shifts))
+                 ", ".join(f"{b:+.2f}" for b in fitted.shifts),
+                 ", ".join(f"{w:.2f}" for w in fitted.draft_weights) or "0")
         self.calibration = fitted
         return True
 

@@ -38,7 +38,7 @@ def test_bench_scheduler_fields(tiny_llama_dir, tmp_path, monkeypatch):
         assert name == "floors" or row["sla_priority_rounds"] == 0
     replayed = result["recalibration"]["variants"]
     assert set(replayed) == {"shipped", "shipped+online", "identity", "identity+online", "drifted",
-                             "drifted+online", "oracle"}
+                             "drifted+online", "oracle", "oracle-conf"}
     assert all(r["tokens_per_second"] > 0 and r["tokens_per_round"] >= 1 for r in replayed.values())
     for key in ("skip_aggregate_ratio", "cost_aggregate_ratio", "guard_aggregate_ratio",
                 "floors_p10_ratio", "online_vs_identity_theta"):

@@ -42,6 +42,7 @@ def feed(drafters, rid: str, seq, cuts: list[int]) -> None:
 def assert_same_proposal(a, b) -> None:
     assert torch.equal(a.tokens, b.tokens)
     torch.testing.assert_close(b.probs, a.probs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.token_probs, a.token_probs, rtol=1e-5, atol=1e-6)
     if a.confidences is not None:
         torch.testing.assert_close(b.confidences, a.confidences, rtol=1e-5, atol=1e-6)
     else:

@@ -106,20 +106,49 @@ def test_training_path_equals_cached_inference(method: str, head: str, packed: b
         drafter.remove(rid)
 
 
-@pytest.mark.parametrize("method,head", [("dspark", "rnn"), ("eagle3", "none")])
-def test_batched_proposals_equal_one_at_a_time(method: str, head: str) -> None:
+def drafter_with_contexts(method: str, head: str, seed: int, lengths: list[int], first: int):
+    """A random drafter with requests r0, r1, ... holding contexts of the given lengths
+    -> (drafter, anchors [R]: each sequence's last token)."""
     drafter = build_drafter(tiny_config(method, head), tiny_vocab())
-    randomize(drafter.model, 2)
-    seqs = [tiny_sequence(i, 12 + 5 * i, 2, 10 + i) for i in range(3)]
+    randomize(drafter.model, seed)
+    seqs = [tiny_sequence(i, n, 2, first + i) for i, n in enumerate(lengths)]
     for i, s in enumerate(seqs):
         drafter.add(f"r{i}")
         drafter.extend(f"r{i}", s.tokens[:-1], s.features[:-1])
-    anchors = torch.stack([s.tokens[-1] for s in seqs])
+    return drafter, torch.stack([s.tokens[-1] for s in seqs])
+
+
+@pytest.mark.parametrize("method,head", [("dspark", "rnn"), ("eagle3", "none")])
+def test_batched_proposals_equal_one_at_a_time(method: str, head: str) -> None:
+    drafter, anchors = drafter_with_contexts(method, head, 2, [12, 17, 22], 10)
     together = drafter.propose(["r0", "r1", "r2"], anchors, torch.zeros(3))
     for i in range(3):
         alone = drafter.propose([f"r{i}"], anchors[i:i + 1], torch.zeros(1))
         assert torch.equal(alone.tokens[0], together.tokens[i])
 
+
+@pytest.mark.parametrize("method,head", CASES)
+def test_token_probs_are_the_drafters_own_probabilities_at_temperature_1(method, head) -> None:
+    """q_k = softmax(logits_k)[x_k] at T = 1 whatever the sampling temperature: a greedy
+    block's q is the top probability of the T = 1 distribution over the same prefix (drafts
+    forced alike), a block sampled at T = 0.5 reads that T = 1 distribution at its own drafts,
+    and a block sampled at T = 1 reads its own p_d."""
+    drafter, anchors = drafter_with_contexts(method, head, 3, [9, 13], 20)
+    rids = ["r0", "r1"]
+    greedy = drafter.propose(rids, anchors, torch.zeros(2))
+    at_1 = drafter.propose(rids, anchors, torch.ones(2), forced=greedy.tokens)
+    cooler = drafter.propose(rids, anchors, torch.full((2,), 0.5), forced=greedy.tokens)
+    index = torch.full((V,), -1, dtype=torch.long)
+    index[greedy.vocab_ids] = torch.arange(len(greedy.vocab_ids))
+    top = at_1.probs.gather(2, index[greedy.tokens][..., None])[..., 0]  # [R, γ]
+    torch.testing.assert_close(greedy.token_probs, top, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(top, at_1.probs.max(-1).values, rtol=1e-5, atol=1e-6)
+    at_cooler = at_1.probs.gather(2, index[cooler.tokens][..., None])[..., 0]  # same logits
+    torch.testing.assert_close(cooler.token_probs, at_cooler, rtol=1e-5, atol=1e-6)
+    sampled = drafter.propose(rids, anchors, torch.ones(2))
+    own = sampled.probs.gather(2, index[sampled.tokens][..., None])[..., 0]
+    torch.testing.assert_close(sampled.token_probs, own, rtol=1e-5, atol=1e-6)
+    assert bool(((greedy.token_probs > 0) & (greedy.token_probs <= 1)).all())
 
 
 @pytest.mark.parametrize("method,head", CASES)

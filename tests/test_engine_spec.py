@@ -164,11 +164,13 @@ class RecordingPolicy:
     def __init__(self, n: int) -> None:
         self.n, self.calls = n, []  # calls: (num_requests, priority or None) per round
         self.other = []  # other_tokens per round
+        self.token_probs = []  # [R, γ] per round: the drafts' own probabilities
 
     def lengths(self, confidences, gamma, num_requests, priority=None, other_tokens=0,
-                draft_seconds=0.0, greedy=None):
+                draft_seconds=0.0, greedy=None, token_probs=None):
         self.calls.append((num_requests, None if priority is None else priority.copy()))
         self.other.append(other_tokens)
+        self.token_probs.append(token_probs)
         return np.full(num_requests, min(self.n, gamma), dtype=np.int64)
 
     def drafting(self, other_tokens=0) -> bool:
@@ -202,7 +204,7 @@ class NotPayingPolicy(RecordingPolicy):
         self.draft_seconds = []
 
     def lengths(self, confidences, gamma, num_requests, priority=None, other_tokens=0,
-                draft_seconds=0.0, greedy=None):
+                draft_seconds=0.0, greedy=None, token_probs=None):
         self.draft_seconds.append(draft_seconds)
         return super().lengths(confidences, gamma, num_requests, priority, other_tokens)
 
@@ -319,6 +321,9 @@ def test_requests_below_their_sla_floor_get_priority(tiny_llama_dir, prompts, re
     assert core.stats().spec.num_sla_priority == sum(int(p.sum()) for p in flags)
     weights = np.concatenate([p for _, p in policy.calls if p is not None])
     assert weights.min() == 1.0 and weights.max() == 4.0  # FLOOR_MAX_WEIGHT: 1e9 is far off
+    gamma = core.spec.gamma  # the drafts' own probabilities come along for the calibration
+    assert all(q.shape == (n, gamma) and (q > 0).all() and (q <= 1).all()
+               for (n, _), q in zip(policy.calls, policy.token_probs))
 
 
 def test_recent_decode_speed_by_hand():

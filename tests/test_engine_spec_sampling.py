@@ -189,7 +189,8 @@ class RandomLengths:
 
     def lengths(self, confidences: np.ndarray | None, gamma: int, num_requests: int,
                 priority: np.ndarray | None = None, other_tokens: int = 0,
-                draft_seconds: float = 0.0, greedy: np.ndarray | None = None) -> np.ndarray:
+                draft_seconds: float = 0.0, greedy: np.ndarray | None = None,
+                token_probs: np.ndarray | None = None) -> np.ndarray:
         return self.rng.integers(0, gamma + 1, size=num_requests)  # [R]
 
     def drafting(self, other_tokens=0) -> bool:

@@ -153,6 +153,8 @@ def test_recorded_logits_are_the_drafters_confidences(core):
     recorder.extend("r", torch.tensor([4, int(out.tokens[0, 0])]), torch.randn(2, 2, 64))
     np.testing.assert_allclose(recorder.data().logits[0], logit(out.confidences[0].numpy()),
                                rtol=1e-6)
+    np.testing.assert_allclose(recorder.data().draft_logits[0], logit(out.token_probs[0].numpy()),
+                               rtol=1e-6)
     assert recorder.data().accepted.tolist() == [1]
 
 

@@ -12,7 +12,7 @@ from scheduler.calibration import Calibration, CalibrationData, sigmoid
 from scheduler.policy import PrefixSchedulerPolicy
 from scheduler.recalibrate import OnlineRecalibrator, RecalibrationConfig, map_offsets
 from scheduler.served_calibration import ServedCalibration
-from tests.test_scheduler_calibration import synthetic_rounds
+from tests.test_scheduler_calibration import synthetic_rounds, two_input_rounds
 from tests.test_scheduler_policy import CURVE
 
 SCALES = (2.5, 0.5, 1.8, 3.0)  # the drifted drafter reports z = scale · true logit
@@ -187,3 +187,30 @@ def test_offsets_correct_an_overconfident_drafter_long_before_a_refit():
                             RecalibrationConfig(offset_strength=0.0), submit=run_now)
     off.observe(conf, accepted, np.full(128, 3))
     assert off.survival(conf[:1])[0, 0] == pytest.approx(0.6)
+
+
+def test_served_draft_probabilities_calibrate_and_refit():
+    """The engine hands the drafts' own probabilities to the policy: a greedy calibration that
+    weighs them serves survival from both inputs, and the online window keeps them, so a
+    refit from served rows learns their weight."""
+    data = two_input_rounds(n=9000, seed=8)  # true u = z / 2 + 0.8 v − 0.3
+    c, q = sigmoid(data.logits), sigmoid(data.draft_logits)  # [N, γ] each
+    weighed = Calibration((2.0,) * 3, (-0.3,) * 3, (0.8,) * 3)
+    cfg = RecalibrationConfig(window=4096, every=256, min_rounds=1024, offset_strength=0.0)
+    greedy = np.ones(6, bool)
+    with PrefixSchedulerPolicy(CURVE, Calibration.identity(3), recalibration=cfg,
+                               greedy_calibration=weighed) as policy:
+        np.testing.assert_allclose(policy.survival(c[:6], greedy, q[:6]),
+                                   weighed.survival(c[:6], q[:6]))
+        with pytest.raises(ValueError, match="own probabilities"):
+            policy.survival(c[:6], greedy)
+        policy.regimes[1].calibration = Calibration.identity(3)  # drifted: weighs nothing
+        for s in range(0, 9000, 6):
+            lengths = policy.lengths(c[s:s + 6], 3, 6, greedy=greedy, token_probs=q[s:s + 6])
+            policy.observe(lengths, np.minimum(data.accepted[s:s + 6], lengths))
+            if s % 600 == 0:
+                policy.settle()
+        policy.settle()
+        refitted = policy.regimes[1]
+        assert refitted.refits >= 1
+        assert refitted.calibration.draft_weights[0] == pytest.approx(0.8, abs=0.2)
