@@ -23,7 +23,7 @@ With fit_shift (the default) each position also gets a shift b_k, and, when the 
 a weight w_k of the draft's own logit: the confidence head learns survival under the rejection
 rule (1 − TV), while a greedy request keeps a draft only when it is the target's argmax, which
 the drafter's belief in its own argmax predicts better (held-out AUROC at position 1 on greedy
-rounds: 0.68 from z alone, see the README). θ_k = (1/T_k, w_k, b_k) minimise the log loss of
+rounds of the shipped drafter: 0.70 from z alone, 0.81 with v; see the README). θ_k = (1/T_k, w_k, b_k) minimise the log loss of
 a[·, k] = p · σ(x θ_k) against y[·, k], p = a[·, k−1] fixed, x = (z, v, 1), by Fisher scoring:
     ∂L/∂u  = −y (1 − σ) + (1 − y) a (1 − σ) / (1 − a)           (per row, mean over rows)
     F      = xᵀ diag(p σ (1 − σ)² / (1 − a)) x / N              (the expected Hessian, PSD)
@@ -476,6 +476,15 @@ def save_rounds(path: str | Path, data: CalibrationData) -> Path:
     np.savez_compressed(path, logits=np.asarray(data.logits, dtype=np.float64),
                         accepted=np.asarray(data.accepted), verified=data.num_verified(), **extra)
     return path
+
+
+def join_rounds(*parts: CalibrationData) -> CalibrationData:
+    """The rounds of every part, in order (draft logits kept when every part has them)."""
+    v = [p.draft_logits for p in parts]
+    return CalibrationData(np.concatenate([p.logits for p in parts]),
+                           np.concatenate([p.accepted for p in parts]),
+                           np.concatenate([p.num_verified() for p in parts]),
+                           None if any(x is None for x in v) else np.concatenate(v))
 
 
 def load_rounds(path: str | Path) -> CalibrationData:

@@ -36,6 +36,9 @@ def add_commands(sub) -> None:
                    "(default: reliability.png in the drafter directory)")
     c.add_argument("--holdout-share", type=float, default=0.3, help="share of each domain's "
                    "prompts kept out of the fit; the report gives ECE on their rounds too")
+    c.add_argument("--extra-holdout", type=int, default=0, metavar="N", help="N more prompts per "
+                   "domain, drawn from the generators under the next seed (none in the training "
+                   "data or among the prompts above), whose rounds join the hold-out only")
     c.add_argument("--rounds-out", default=None, help="also save the recorded rounds (.npz: fit "
                    "rounds, and holdout rounds in a second file *-holdout.npz)")
     c.add_argument("--rounds-in", default=None, help="fit on rounds saved by --rounds-out instead of "
@@ -108,14 +111,17 @@ def _profile(args) -> int:
 def _calibrate(args) -> int:
     from drafters.prompts import read_prompts
     from drafters.registry import load_drafter, resolve_drafter_path
-    from engine.calibration_data import calibration_prompts, collect_rounds
+    from engine.calibration_data import CALIBRATION_SEED, calibration_prompts, collect_rounds
     from engine.config import EngineConfig
     from engine.core import EngineCore
     from engine.messages import SamplingParams
-    from scheduler.calibration import save_rounds
+    from scheduler.calibration import join_rounds, save_rounds
     from server.text import TextProcessor
 
     path = resolve_drafter_path(args.drafter)  # a bad name fails before the model loads
+    if args.extra_holdout and args.prompts:
+        raise ValueError("--extra-holdout draws prompts from the built-in generators; "
+                         "it does not go with --prompts")
     if args.rounds_in:
         data, holdout = _saved_rounds(args.rounds_in)
         return _fit_and_report(args, path, data, holdout, "saved rounds")
@@ -134,6 +140,16 @@ def _calibrate(args) -> int:
     data = collect_rounds(core, drafter, [encoded[i] for i in fit_ids], params, args.batch)
     holdout = (collect_rounds(core, drafter, [encoded[i] for i in held_ids], params, args.batch)
                if held_ids else None)
+    if args.extra_holdout > 0 and not args.prompts:
+        seen = {p["prompt"] for p in calibration_prompts(2 * args.per_domain, args.train_per_domain)}
+        extra = [p for p in calibration_prompts(3 * args.extra_holdout, args.train_per_domain,
+                                                CALIBRATION_SEED + 1) if p["prompt"] not in seen]
+        extra_ids = [text.apply_chat_template([{"role": "user", "content": p["prompt"]}])
+                     for p in extra]
+        extra, extra_ids = _held_out(extra, extra_ids, exclude, args.extra_holdout)
+        more = collect_rounds(core, drafter, extra_ids, params, args.batch)
+        holdout = more if holdout is None else join_rounds(holdout, more)
+        prompts += extra
     if args.rounds_out:
         save_rounds(args.rounds_out, data)
         if holdout is not None:

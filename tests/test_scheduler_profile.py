@@ -271,6 +271,25 @@ def test_calibration_keeps_the_drafters_training_prompts_out(core, tiny_llama_di
                                  str(tmp_path / "p.jsonl"), "--exclude-data", str(tmp_path)]))
 
 
+def test_extra_holdout_rounds_join_the_holdout_only(core, tiny_llama_dir, tmp_path):
+    """--extra-holdout N: N more built-in prompts per domain under the next seed, none among
+    the main set's; their rounds are scored with the hold-out and never fitted."""
+    drafter_dir = save_drafter(drafter_for(core, "dspark", "markov"), tmp_path / "drafter")
+    common = ["calibrate", "--drafter", str(drafter_dir), "--model", str(tiny_llama_dir),
+              "--per-domain", "2", "--max-new-tokens", "6", "--batch", "6", "--temperature", "0"]
+    assert scheduler_cli.run(parse(common + ["--rounds-out", str(tmp_path / "a.npz")])) == 0
+    plain = load_report(drafter_dir, greedy=True)
+    assert scheduler_cli.run(parse(common + ["--extra-holdout", "1",
+                                             "--rounds-out", str(tmp_path / "b.npz")])) == 0
+    extra = load_report(drafter_dir, greedy=True)
+    assert extra.temperatures == plain.temperatures and extra.num_rounds == plain.num_rounds
+    assert extra.num_holdout_rounds > plain.num_holdout_rounds  # 3 more prompts' rounds
+    held = load_rounds(tmp_path / "b-holdout.npz")
+    assert len(held.accepted) == extra.num_holdout_rounds and held.draft_logits is not None
+    with pytest.raises(ValueError, match="does not go with --prompts"):
+        scheduler_cli.run(parse(common + ["--extra-holdout", "1", "--prompts", "x.jsonl"]))
+
+
 def test_held_out_caps_each_domain_after_dropping_trained_prompts():
     prompts = [{"domain": d, "prompt": str(i)} for i, d in enumerate("aabab")]
     ids = [[i] for i in range(5)]
