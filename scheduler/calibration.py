@@ -23,8 +23,9 @@ With fit_shift (the default) each position also gets a shift b_k, and, when the 
 a weight w_k of the draft's own logit: the confidence head learns survival under the rejection
 rule (1 − TV), while a greedy request keeps a draft only when it is the target's argmax, which
 the drafter's belief in its own argmax predicts better (held-out AUROC at position 1 on greedy
-rounds of the shipped drafter: 0.70 from z alone, 0.81 with v; see the README). θ_k = (1/T_k, w_k, b_k) minimise the log loss of
-a[·, k] = p · σ(x θ_k) against y[·, k], p = a[·, k−1] fixed, x = (z, v, 1), by Fisher scoring:
+rounds of the shipped drafter: 0.70 from z alone, 0.81 with v; see the README).
+θ_k = (1/T_k, b_k, w_k) minimise the log loss of a[·, k] = p · σ(x θ_k) against y[·, k],
+p = a[·, k−1] fixed, x = (z, 1, v), by Fisher scoring:
     ∂L/∂u  = −y (1 − σ) + (1 − y) a (1 − σ) / (1 − a)           (per row, mean over rows)
     F      = xᵀ diag(p σ (1 − σ)² / (1 − a)) x / N              (the expected Hessian, PSD)
     θ     ← clip_box(θ − t F⁻¹ xᵀ ∂L/∂u / N), t halved until the loss falls

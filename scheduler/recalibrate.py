@@ -12,8 +12,8 @@ what sampling noise alone would give a perfectly calibrated predictor of the sam
     drift   = mean_k max(0, ECE_k(a(T), y) − noise_k)   over positions with ≥ min_per_position labels
 (a window of a few thousand rounds has a noise ECE of 1–2% by itself, so the raw ECE would
 trigger refits of a well calibrated drafter). When drift > threshold, fit_sts refits the
-window (temperatures, shifts and draft weights by log loss, as offline, inside a box; positions with too few
-labels keep theirs), and the result is kept only if it lowers the drift.
+window (temperatures, shifts and draft weights by log loss, as offline, inside a box;
+positions with too few labels keep theirs), and the result is kept only if it lowers the drift.
 Rounds that verified ℓ < γ drafts count at positions ≤ ℓ only (prefix_labels), so the scheduler
 choosing ℓ from the confidences does not bias the refit.
 
