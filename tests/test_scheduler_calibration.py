@@ -174,7 +174,7 @@ def two_input_rounds(n: int = 40000, seed: int = 5) -> CalibrationData:
     rng = np.random.default_rng(seed)
     d = rng.normal(0.5, 1.0, size=(n, 3))  # [N, γ] shared difficulty
     z = 2.0 * (d + rng.normal(0.0, 1.0, size=d.shape))
-    v = d + rng.normal(0.0, 1.0, size=d.shape)
+    v = np.clip(d + rng.normal(0.0, 1.0, size=d.shape), -4.0, 4.0)  # inside ±DRAFT_LOGIT_MAX
     passed = rng.random(d.shape) < sigmoid(z / 2.0 + 0.8 * v - 0.3)
     accepted = np.where(passed.all(1), 3, np.argmin(passed, axis=1))
     return CalibrationData(z, accepted, draft_logits=v)
@@ -201,6 +201,9 @@ def test_draft_logits_get_their_weight():
     np.testing.assert_allclose(calib.survival(c, q), manual, rtol=1e-6)
     with pytest.raises(ValueError, match="own probabilities"):
         calib.survival(c)  # a calibration that weighs q cannot run without it
+    # a saturated q (v up to 16) counts as v̄ = 4: survival stops growing past it
+    sure = calib.survival(c[:1], np.full((1, 3), 1.0 - 1e-7))
+    np.testing.assert_allclose(sure, calib.survival(c[:1], np.full((1, 3), sigmoid(4.0))))
     assert calib.shifted(np.ones(3)).draft_weights == calib.draft_weights
 
 
