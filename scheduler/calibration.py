@@ -157,7 +157,7 @@ class Calibration:
         return cls((1.0,) * gamma)
 
     @property
-    def uses_draft_probs(self) -> bool:
+    def uses_token_probs(self) -> bool:
         """Does survival need the drafts' own probabilities (some w_k != 0)?"""
         return any(w != 0.0 for w in self.draft_weights)
 
@@ -165,18 +165,18 @@ class Calibration:
         """z, v: [R, γ] raw and draft logits -> a [R, γ], a_k = Π_{i<=k} σ(u_i)."""
         return np.cumprod(sigmoid(self.position_logits(z, v)), axis=1)
 
-    def survival(self, confidences: np.ndarray, draft_probs: np.ndarray | None = None) -> np.ndarray:
-        """confidences: [R, γ] c_k = σ(z_k) as the drafter reports them, draft_probs: [R, γ]
-        q_k (DraftOutput.token_probs; needed when uses_draft_probs) -> a [R, γ]."""
+    def survival(self, confidences: np.ndarray, token_probs: np.ndarray | None = None) -> np.ndarray:
+        """confidences: [R, γ] c_k = σ(z_k) as the drafter reports them, token_probs: [R, γ]
+        q_k (DraftOutput.token_probs; needed when uses_token_probs) -> a [R, γ]."""
         return self.survival_from_logits(logit(confidences),
-                                         None if draft_probs is None else logit(draft_probs))
+                                         None if token_probs is None else logit(token_probs))
 
     def position_logits(self, z: np.ndarray, v: np.ndarray | None = None) -> np.ndarray:
         """z, v: [N, γ] raw and draft logits -> u [N, γ], u_k = z_k / T_k + w_k v_k + b_k."""
         g = z.shape[1]
         u = z / np.asarray(self.temperatures[:g]) + (np.asarray(self.shifts[:g])
                                                      if self.shifts else 0.0)
-        if not self.uses_draft_probs:
+        if not self.uses_token_probs:
             return u
         if v is None:
             raise ValueError("this calibration weighs the drafts' own probabilities: pass them")

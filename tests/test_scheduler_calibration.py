@@ -193,7 +193,7 @@ def test_draft_logits_get_their_weight():
     assert max(both.holdout_ece_after) < 0.01
     assert all(b > a + 0.03 for b, a in zip(both.auroc_holdout, alone.auroc_holdout))
     calib = CalibrationReport.from_dict(both.to_dict()).calibration  # stored and read back
-    assert calib.draft_weights == both.draft_weights and calib.uses_draft_probs
+    assert calib.draft_weights == both.draft_weights and calib.uses_token_probs
     c, q = sigmoid(data.logits[:4]), sigmoid(data.draft_logits[:4])
     manual = np.cumprod(sigmoid(data.logits[:4] / np.array(calib.temperatures)
                                 + np.array(calib.draft_weights) * data.draft_logits[:4]
