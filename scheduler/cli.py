@@ -125,36 +125,36 @@ def _calibrate(args) -> int:
     if args.rounds_in:
         data, holdout = _saved_rounds(args.rounds_in)
         return _fit_and_report(args, path, data, holdout, "saved rounds")
-    prompts = (read_prompts(args.prompts) if args.prompts  # a surplus: some may be trained on
-               else calibration_prompts(2 * args.per_domain, args.train_per_domain))
+    candidates = (read_prompts(args.prompts) if args.prompts  # a surplus: some may be trained on
+                  else calibration_prompts(2 * args.per_domain, args.train_per_domain))
+    taken = {p["prompt"] for p in candidates}
+    extra = [p for p in calibration_prompts(3 * args.extra_holdout, args.train_per_domain,
+                                            CALIBRATION_SEED + 1)
+             if p["prompt"] not in taken] if args.extra_holdout > 0 else []
     exclude = _excluded_data(args, path)
     core = EngineCore.from_config(EngineConfig(model=args.model, num_threads=args.num_threads,
                                                max_num_seqs=64, max_num_batched_tokens=1024))
     text = TextProcessor.from_dir(core.tokenizer_dir)
     drafter = load_drafter(args.drafter, *core.runner.embedding_and_lm_head())
     drafter.to(core.runner.device, core.runner.cpu_gemm_dtype)  # as the engine runs it
-    encoded = [text.apply_chat_template([{"role": "user", "content": p["prompt"]}]) for p in prompts]
-    prompts, encoded = _held_out(prompts, encoded, exclude, None if args.prompts else args.per_domain)
+    encode = lambda ps: [text.apply_chat_template([{"role": "user", "content": p["prompt"]}])  # noqa: E731
+                         for p in ps]
+    prompts, encoded = _held_out(candidates, encode(candidates), exclude,
+                                 None if args.prompts else args.per_domain)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_new_tokens, seed=0)
     fit_ids, held_ids = split_holdout([p["domain"] for p in prompts], args.holdout_share)
     data = collect_rounds(core, drafter, [encoded[i] for i in fit_ids], params, args.batch)
     holdout = (collect_rounds(core, drafter, [encoded[i] for i in held_ids], params, args.batch)
                if held_ids else None)
-    if args.extra_holdout > 0 and not args.prompts:
-        seen = {p["prompt"] for p in calibration_prompts(2 * args.per_domain, args.train_per_domain)}
-        extra = [p for p in calibration_prompts(3 * args.extra_holdout, args.train_per_domain,
-                                                CALIBRATION_SEED + 1) if p["prompt"] not in seen]
-        extra_ids = [text.apply_chat_template([{"role": "user", "content": p["prompt"]}])
-                     for p in extra]
-        extra, extra_ids = _held_out(extra, extra_ids, exclude, args.extra_holdout)
+    if extra:  # rounds of more prompts, for the hold-out only
+        extra, extra_ids = _held_out(extra, encode(extra), exclude, args.extra_holdout)
         more = collect_rounds(core, drafter, extra_ids, params, args.batch)
         holdout = more if holdout is None else join_rounds(holdout, more)
-        prompts += extra
     if args.rounds_out:
         save_rounds(args.rounds_out, data)
         if holdout is not None:
             save_rounds(holdout_path(args.rounds_out), holdout)
-    return _fit_and_report(args, path, data, holdout, f"{len(prompts)} prompts")
+    return _fit_and_report(args, path, data, holdout, f"{len(prompts) + len(extra)} prompts")
 
 
 def _excluded_data(args, drafter_path: Path) -> list[str]:
