@@ -32,7 +32,9 @@ def add_commands(sub) -> None:
     w.add_argument("--out", required=True, help="JSONL file to write")
     w.add_argument("--per-domain", type=int, default=600, help="prompts per domain")
     t = which.add_parser("drafter", help="train one drafter on cached data", formatter_class=fmt)
-    t.add_argument("--data", default="runs/data")
+    t.add_argument("--data", action="append", default=None, metavar="DIR",
+                   help="a `dspark train data` directory; repeat it to train on several as one "
+                   "(default: runs/data)")
     t.add_argument("--out", required=True, help="drafter directory (resumes from its checkpoint)")
     t.add_argument("--method", choices=METHODS, default="dspark")
     t.add_argument("--head", choices=("markov", "rnn"), default="markov", help="dspark only")
@@ -146,7 +148,7 @@ def _train_data(args) -> int:
 def _train_drafter(args) -> int:
     from drafters.train import TrainConfig, TrainingStopped, train
 
-    cfg = TrainConfig(args.data, args.out, method=args.method, head=args.head,
+    cfg = TrainConfig(tuple(args.data or ["runs/data"]), args.out, method=args.method, head=args.head,
                       block_size=args.block_size, num_layers=args.layers, head_rank=args.head_rank,
                       draft_vocab=args.draft_vocab, steps=args.steps, minutes=args.minutes,
                       seqs_per_step=args.seqs_per_step, anchors_per_seq=args.anchors_per_seq,

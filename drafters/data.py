@@ -218,3 +218,29 @@ def load_training_data(directory: str | Path) -> tuple[dict, list[Sequence]]:
         raise ValueError(f"{directory} has no feature shards yet; run `dspark train data` to finish it")
     return meta, sequences
 
+
+# what every directory of one training run must share: the drafter reads these features
+SHARED_META = ("model", "feature_layers")
+
+
+def load_training_sets(directories: list[str] | tuple[str, ...]) -> tuple[dict, list[Sequence]]:
+    """(meta, sequences) of several data directories, trained on as one. Each directory numbers
+    its prompts from 0, so the sequences of directory j get seq_id + offset_j, with offset_j even
+    and past every id before it: ids stay unique and keep their parity (even = greedy, the
+    sequences drafters/validate.py scores)."""
+    if not directories:
+        raise ValueError("no training-data directory given")
+    meta, sequences = load_training_data(directories[0])
+    for directory in directories[1:]:
+        other, more = load_training_data(directory)
+        for key in SHARED_META:
+            if other.get(key) != meta.get(key):
+                raise ValueError(f"{directory} has {key} {other.get(key)}, {directories[0]} has "
+                                 f"{meta.get(key)}: one drafter trains on one target's features")
+        offset = max(s.seq_id for s in sequences) + 1
+        offset += offset % 2
+        for seq in more:
+            seq.seq_id += offset
+        sequences += more
+    return meta, sequences
+

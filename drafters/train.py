@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from drafters.base import Drafter
 from drafters.config import PRECISIONS, DrafterConfig
-from drafters.data import load_training_data
+from drafters.data import load_training_sets
 from drafters.losses import CE_LOSS, DSPARK_LOSS, drafter_loss, fusion_works
 from drafters.packing import pack
 from drafters.registry import (build_drafter, load_drafter, read_drafter_config,
@@ -44,7 +44,7 @@ from kernels.cpu_gemm import cpu_has_native_bf16
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data_dir: str
+    data_dirs: tuple[str, ...]  # one or more `dspark train data` directories, trained on as one
     out_dir: str
     method: str = "dspark"
     head: str = "markov"
@@ -71,6 +71,10 @@ class TrainConfig:
     init: str = ""  # a trained drafter (name or path) to start from ("" = a random start)
 
     def __post_init__(self) -> None:
+        if isinstance(self.data_dirs, str):  # one directory
+            object.__setattr__(self, "data_dirs", (self.data_dirs,))
+        if not self.data_dirs:
+            raise ValueError("no training-data directory given")
         if min(self.steps, self.seqs_per_step, self.anchors_per_seq, self.block_size,
                self.num_layers, self.head_rank, self.draft_vocab) < 1:
             raise ValueError("steps, seqs-per-step, anchors-per-seq, block-size, layers, "
@@ -181,7 +185,7 @@ class _Budget:
 def train(tc: TrainConfig, progress: bool = True) -> Path:
     device = torch.device("cuda" if tc.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if tc.device == "auto" else tc.device))
-    meta, sequences = load_training_data(tc.data_dir)
+    meta, sequences = load_training_sets(tc.data_dirs)
     sequences, held_out = split_holdout(sequences, tc.holdout)
     if not sequences:
         raise ValueError(f"holdout {tc.holdout} leaves no training sequences")

@@ -26,7 +26,7 @@ def add_commands(sub) -> None:
                    help="size of the training set to keep out (dspark train data --per-domain)")
     c.add_argument("--exclude-data", action="append", default=None, metavar="DIR",
                    help="training-data directory whose prompts are kept out (repeatable; default: "
-                   "the drafter's own training data, when that directory is here)")
+                   "the drafter's own training-data directories, those that are here)")
     c.add_argument("--max-new-tokens", type=int, default=128)
     c.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the "
                    "calibration rounds (the confidence head is trained for temperature 1); 0 fits "
@@ -165,8 +165,9 @@ def _excluded_data(args, drafter_path: Path) -> list[str]:
         if missing:
             raise ValueError(f"--exclude-data: {missing[0]} is not a training-data directory")
         return args.exclude_data
-    own = read_drafter_config(drafter_path)[1].get("train", {}).get("data_dir", "")
-    return [own] if own and (Path(own) / "meta.json").exists() else []
+    train = read_drafter_config(drafter_path)[1].get("train", {})
+    own = train.get("data_dirs") or ([train["data_dir"]] if train.get("data_dir") else [])
+    return [d for d in own if (Path(d) / "meta.json").exists()]
 
 
 def _held_out(prompts: list[dict], encoded: list[list[int]], data_dirs: list[str],

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from drafters.data import DataConfig, build_training_data, default_feature_layers, load_training_data
+from drafters.data import (DataConfig, build_training_data, default_feature_layers,
+                          load_training_data, load_training_sets)
 from drafters import prompt_sources
 from drafters.prompts import PROMPT_SET, eval_prompts, read_prompts, training_prompts
 from engine.config import EngineConfig
@@ -52,6 +53,28 @@ def test_recorded_data_equals_a_direct_forward_and_resumes(core, tiny_llama_dir,
     with pytest.raises(ValueError, match="other settings"):
         build_training_data(core, text, DataConfig(cfg.out_dir, n_per_domain=2, max_new_tokens=5,
                                                    batch=4, feature_layers=(1, 2)), progress=False)
+
+
+def test_several_data_directories_train_as_one(core, tiny_llama_dir, tmp_path):
+    """Ids stay unique and keep their parity (even = greedy); another target's features refuse."""
+    text = TextProcessor.from_dir(tiny_llama_dir)
+    first, second = tmp_path / "a", tmp_path / "b"
+    for out in (first, second):
+        build_training_data(core, text, DataConfig(str(out), n_per_domain=2, max_new_tokens=4,
+                                                   batch=6, feature_layers=(1, 2)), progress=False)
+    _, one = load_training_data(first)
+    meta, both = load_training_sets([str(first), str(second)])
+    assert meta["feature_layers"] == [1, 2] and len(both) == 2 * len(one) == 12
+    ids = [s.seq_id for s in both]
+    assert len(set(ids)) == 12 and ids[:6] == list(range(6))
+    assert [i % 2 for i in ids[6:]] == [s.seq_id % 2 for s in one]  # greedy stays greedy
+    assert torch.equal(both[6].tokens, one[0].tokens)
+    other = json.loads((second / "meta.json").read_text()) | {"feature_layers": [1]}
+    (second / "meta.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="feature_layers"):
+        load_training_sets([str(first), str(second)])
+    with pytest.raises(ValueError, match="no training-data directory"):
+        load_training_sets([])
 
 
 def _check_against_direct_forward(core, seq, n_prompt: int) -> None:
