@@ -7,7 +7,8 @@
 #   scripts/drafter_set.sh proxy      teacher-forced greedy τ on the eval-set answers (~25 s each)
 #   scripts/drafter_set.sh eval       dspark eval at T = 0 and 1 for all six, and the README table
 #   scripts/drafter_set.sh calibrate  DSpark's two calibrations (temperature 1, then greedy)
-# Settings (environment): SET (name prefix, default "next"), DATA (runs/data-ps2), STEPS (1400),
+# Settings (environment): SET (name prefix, default "next"), DATA (runs/data-ps2; several
+# directories, space-separated, train as one: `data` then refuses), STEPS (1400),
 # RANK (DSpark's head rank, 256), DECAY (the loss's position decay, 4), PROMPTS (training
 # prompts per domain for `data`, 256), PRECISION (auto: bf16 where native), FUSE
 # (--fuse-loss; empty to leave it off) and INIT (a path prefix: each drafter continues from
@@ -30,6 +31,8 @@ NAMES=(dspark dspark-rnn dflash eagle3 eagle3-2l mtp1)
 declare -A METHOD=([dspark]="dspark --head markov" [dspark-rnn]="dspark --head rnn"
                    [dflash]=dflash [eagle3]="eagle3 --layers 1" [eagle3-2l]=eagle3 [mtp1]=mtp1)
 mkdir -p runs/eval
+DATA_ARGS=()
+for dir in $DATA; do DATA_ARGS+=(--data "$dir"); done
 
 train_one() {  # name: a finished drafter (weights without a stop mark) is left alone
   local out=runs/drafters/$SET-$1
@@ -41,13 +44,14 @@ sys.exit('stopped_at_step' in read(pathlib.Path(sys.argv[1]))[1])" "$out" 2>/dev
     init=(--init "${INIT}$1")
   fi
   # shellcheck disable=SC2086  # METHOD holds "method [--head h]", FUSE a flag or nothing
-  dspark train drafter --data "$DATA" --out "$out" --method ${METHOD[$1]} --head-rank "$RANK" \
+  dspark train drafter "${DATA_ARGS[@]}" --out "$out" --method ${METHOD[$1]} --head-rank "$RANK" \
     --decay "$DECAY" --steps "$STEPS" --lr 1e-3 --precision "$PRECISION" $FUSE --num-threads 1 \
     "${init[@]}" >> "runs/log-$SET-$1.txt" 2>&1
 }
 
 case ${1:-} in
   data)  # the evaluation prompts twice each: the even copy is answered greedily
+    [ ${#DATA_ARGS[@]} -eq 2 ] || { echo "data answers into one directory; DATA=$DATA" >&2; exit 2; }
     python -c "import json; from drafters.prompts import eval_prompts
 print(''.join(2 * (json.dumps({'domain': p['domain'], 'prompt': p['prompt']}) + '\n')
               for p in eval_prompts(30)), end='')" > runs/evalset-prompts.jsonl
