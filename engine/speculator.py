@@ -159,6 +159,17 @@ class SpecCounters:
                                num_sla_priority=self.num_sla_priority)
 
 
+def host_copies(*tensors: torch.Tensor | None) -> list[np.ndarray | None]:
+    """The [R, γ] tensors on the host as float32 arrays (None stays None), in ONE device-to-host
+    copy: on a GPU each .cpu() is a sync, and the policy needs the confidences and the drafts'
+    probabilities together."""
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return [None] * len(tensors)
+    stacked = iter(torch.stack([t.float() for t in present]).cpu().numpy())  # [n, R, γ]
+    return [None if t is None else next(stacked) for t in tensors]
+
+
 class Speculator:
     def __init__(self, drafter, policy: AllocationPolicy, max_verify: int, vocab_size: int,
                  eos_token_ids: tuple[int, ...], max_model_len: int, device: torch.device,
@@ -226,8 +237,7 @@ class Speculator:
         waiting = self.drafter.flush(ids)
         flushed = time.perf_counter()
         out = self.drafter.propose(ids, anchors, temps)
-        conf = None if out.confidences is None else out.confidences.cpu().numpy()
-        token_probs = None if out.token_probs is None else out.token_probs.cpu().numpy()
+        conf, token_probs = host_copies(out.confidences, out.token_probs)
         propose_seconds = time.perf_counter() - flushed
         draft_seconds = steady_draft_seconds(propose_seconds, flushed - start, waiting,
                                              len(rows) * self.counters.tau())

@@ -356,6 +356,18 @@ def test_drafter_runs_on_the_engines_gpu(tiny_llama_dir, prompts, method, head):
         assert drafter.graphs.capture and all(k.is_cuda for k, _ in drafter.graphs.kv)
 
 
+def test_confidences_and_draft_probabilities_reach_the_host_in_one_copy():
+    from engine.speculator import host_copies
+
+    conf = torch.tensor([[0.9, 0.5], [0.2, 0.1]])
+    q = torch.tensor([[0.7, 0.6], [0.3, 0.25]], dtype=torch.float64)
+    a, none, b = host_copies(conf, None, q)
+    assert none is None and a.dtype == b.dtype == np.float32
+    np.testing.assert_array_equal(a, conf.numpy())
+    np.testing.assert_allclose(b, q.numpy(), rtol=1e-7)
+    assert host_copies(None, None) == [None, None]
+
+
 def test_steady_drafting_time_counts_only_one_rounds_share_of_a_context_backlog():
     from engine.speculator import steady_draft_seconds
 
