@@ -58,9 +58,9 @@ print(''.join(2 * (json.dumps({'domain': p['domain'], 'prompt': p['prompt']}) + 
     dspark train data --prompts runs/evalset-prompts.jsonl --out runs/data-evalset \
       --max-new-tokens 128 --num-threads 2 &&
     dspark train data --per-domain "$PROMPTS" --out "$DATA" --num-threads 2 ;;
-  train)
-    (train_one dspark; train_one dflash; train_one mtp1) &
-    (train_one eagle3; train_one dspark-rnn; train_one eagle3-2l) &
+  train)  # DSpark and DFlash first, side by side: their ratio is the first figure a set gives
+    (train_one dspark; train_one eagle3; train_one mtp1) &
+    (train_one dflash; train_one dspark-rnn; train_one eagle3-2l) &
     wait ;;
   proxy)
     for n in "${NAMES[@]}"; do
