@@ -5,7 +5,8 @@
 #   scripts/drafter_set.sh train      the five drafters and eagle3-2l at one budget, two lanes
 #                                     of one thread each
 #   scripts/drafter_set.sh proxy      teacher-forced greedy τ on the eval-set answers (~25 s each)
-#   scripts/drafter_set.sh eval       dspark eval at T = 0 and 1 for all six, and the README table
+#   scripts/drafter_set.sh eval       dspark eval at T = 0 and 1 for all six (those trained to the
+#                                     end so far), and the README table
 #   scripts/drafter_set.sh calibrate  DSpark's two calibrations (temperature 1, then greedy)
 # Settings (environment): SET (name prefix, default "next"), DATA (runs/data-ps2; several
 # directories, space-separated, train as one: `data` then refuses), STEPS (1400),
@@ -34,10 +35,14 @@ mkdir -p runs/eval
 DATA_ARGS=()
 for dir in $DATA; do DATA_ARGS+=(--data "$dir"); done
 
-train_one() {  # name: a finished drafter (weights without a stop mark) is left alone
-  local out=runs/drafters/$SET-$1
+finished() {  # name: its weights are saved, without a stop mark (a run cut short has one)
   python -c "import sys, pathlib; from drafters.registry import read_drafter_config as read
-sys.exit('stopped_at_step' in read(pathlib.Path(sys.argv[1]))[1])" "$out" 2>/dev/null && return
+sys.exit('stopped_at_step' in read(pathlib.Path(sys.argv[1]))[1])" "runs/drafters/$SET-$1" 2>/dev/null
+}
+
+train_one() {  # name: a finished drafter is left alone
+  local out=runs/drafters/$SET-$1
+  finished "$1" && return
   local init=()
   if [ -n "$INIT" ]; then
     [ -f "${INIT}$1/drafter.json" ] || { echo "no ${INIT}$1 to continue: $1 skipped" >&2; return; }
@@ -64,12 +69,14 @@ print(''.join(2 * (json.dumps({'domain': p['domain'], 'prompt': p['prompt']}) + 
     wait ;;
   proxy)
     for n in "${NAMES[@]}"; do
+      finished "$n" || { echo "$SET-$n: not trained to the end yet" >&2; continue; }
       dspark eval --data runs/data-evalset --drafter "runs/drafters/$SET-$n" --num-threads 1 \
         | tail -n 1
     done ;;
   eval)
     for t in 0 1; do
-      for n in "${NAMES[@]}"; do
+      for n in "${NAMES[@]}"; do  # the drafters trained to the end so far
+        finished "$n" || continue
         [ -f "runs/eval/$SET-$n-t$t.json" ] || dspark eval --drafter "runs/drafters/$SET-$n" \
           --temperature "$t" --per-domain 20 --max-new-tokens 128 --batch 10 --num-threads 2 \
           --json "runs/eval/$SET-$n-t$t.json" > /dev/null
