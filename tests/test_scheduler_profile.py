@@ -269,6 +269,13 @@ def test_calibration_keeps_the_drafters_training_prompts_out(core, tiny_llama_di
     with pytest.raises(ValueError, match="not a training-data directory"):
         scheduler_cli.run(parse(["calibrate", "--drafter", str(drafter_dir), "--prompts",
                                  str(tmp_path / "p.jsonl"), "--exclude-data", str(tmp_path)]))
+    # by default: every data directory the drafter recorded that is on this machine
+    no_flag = argparse.Namespace(exclude_data=None)
+    for summary, kept in (({"data_dirs": [str(data), str(tmp_path / "gone")]}, [str(data)]),
+                          ({"data_dir": str(data)}, [str(data)]), ({}, [])):  # older drafters
+        recorded = save_drafter(drafter_for(core, "dspark", "markov"), tmp_path / "recorded",
+                                {"train": summary})
+        assert scheduler_cli._excluded_data(no_flag, recorded) == kept
 
 
 def test_extra_holdout_rounds_join_the_holdout_only(core, tiny_llama_dir, tmp_path):
