@@ -114,6 +114,10 @@ class EngineConfig:
     recalibrate: bool = True  # refit the temperatures online when acceptance drifts
     draft_cost: bool = True  # the scheduler weighs drafting time and stops drafting when it
     #                          does not pay (False: the paper's objective)
+    # where the scheduler's K comes from (scheduler/policy.py PolicyConfig.capacity): "lagged",
+    # the process's global search two rounds old (the paper's production variant); "current",
+    # Algorithm 1's early stop on the round's own survival (eager engines)
+    scheduler_capacity: str = "lagged"
     draft_guard: bool = False  # with the scheduler: no drafting at a batch size where drafted
     #                            rounds realize fewer tokens/s than plain ones (engine/draft_guard.py;
     #                            opt-in: on the AVX2 CPU it cost c1 3-6% in two of three A/B runs)
@@ -125,6 +129,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.spec_method not in SPEC_METHODS:
             raise ValueError(f"method must be one of {SPEC_METHODS}, got {self.spec_method!r}")
+        if self.scheduler_capacity not in ("lagged", "current"):
+            raise ValueError("scheduler capacity must be lagged or current, got "
+                             f"{self.scheduler_capacity!r}")
         if self.allocation not in ("auto", "scheduler", "fixed"):
             raise ValueError(f"allocation must be auto, scheduler or fixed, got {self.allocation!r}")
         if self.sla_tps < 0 or self.draft_skip_after < 0:

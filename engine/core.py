@@ -40,7 +40,8 @@ def allocation_policy(config: EngineConfig, core: EngineCore, drafter) -> Alloca
     curve = throughput_curve(core, drafter)
     path = resolve_drafter_path(config.drafter or config.spec_method)
     return PrefixSchedulerPolicy(curve, load_calibration(path),
-                                 PolicyConfig(draft_cost=config.draft_cost),
+                                 PolicyConfig(draft_cost=config.draft_cost,
+                                              capacity=config.scheduler_capacity),
                                  RecalibrationConfig() if config.recalibrate else None,
                                  greedy_calibration=load_calibration(path, greedy=True))
 

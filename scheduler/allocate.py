@@ -86,6 +86,13 @@ def throughput_paths(a: np.ndarray, curve: ThroughputCurve, others, draft_second
     seconds beyond the curve: others [G] -> (order [Rγ], Θ [G, Rγ + 1])."""
     a = check_survival(a)
     order = candidate_order(a)
+    return order, path_in_order(a, order, curve, others, draft_seconds, per_draft)
+
+
+def path_in_order(a: np.ndarray, order: np.ndarray, curve: ThroughputCurve, others,
+                  draft_seconds: float = 0.0, per_draft: float = 0.0) -> np.ndarray:
+    """Θ [G, Rγ + 1] of admitting the candidates of `order` (flat indices, prefixes within
+    each row) one at a time: a [R, γ] checked survival, others [G]."""
     r = a.shape[0]
     x = np.asarray(others, dtype=np.int64)[:, None]  # [G, 1]
     e = r + np.concatenate([[0.0], np.cumsum(a.ravel()[order])])  # [Rγ+1] E_m
@@ -93,21 +100,28 @@ def throughput_paths(a: np.ndarray, curve: ThroughputCurve, others, draft_second
     b = x + r + m  # [G, Rγ+1] B_{g,m}
     t = 1.0 / curve.sps(b)  # [G, Rγ+1] t(B_{g,m}); column 0 is t(X_g + R)
     own = 1.0 / curve.sps(r) + t - t[:, :1]  # t(R) + t(B_m) − t(X + R): the other tokens' share out
-    return order, e / (own + per_draft * m + draft_seconds)
-
-
-def lengths_of(order: np.ndarray, k: int, num_requests: int, gamma: int) -> np.ndarray:
-    """The first k candidates of `order` -> ℓ [R] (each request's admitted count)."""
-    return np.bincount(order[:k] // gamma, minlength=num_requests).astype(np.int64)
+    return e / (own + per_draft * m + draft_seconds)
 
 
 def greedy_lengths(a: np.ndarray, curve: ThroughputCurve, other: int = 0) -> np.ndarray:
     """Algorithm 1: a [R, γ] -> ℓ [R]. Admit candidates while Θ strictly improves; stop at the
     first step where it does not (Θ_{m+1} <= Θ_m)."""
-    order, theta = throughput_path(a, curve, other)
+    return top_k_lengths(a, early_stop_capacity(a, curve, other))
+
+
+def early_stop_capacity(a: np.ndarray, curve: ThroughputCurve, other: int = 0,
+                        draft_seconds: float = 0.0, per_draft: float = 0.0,
+                        priority: np.ndarray | None = None) -> int:
+    """Algorithm 1's count on THIS round's survival: m, the candidates admitted in order of
+    key = w_r · a_{r,j} (priority w [R] >= 1, or a alone) while Θ_m (with E_m summing the
+    true a, the round's X, d and β) strictly improves. Whether the candidate at rank i is
+    admitted depends on the candidates ranked at or above it only, never on a_{r,j+1}:
+    lossless, as for top_k_lengths, which then admits exactly these m."""
+    a = check_survival(a)
+    key = a if priority is None else a * np.asarray(priority, dtype=np.float64)[:, None]
+    theta = path_in_order(a, candidate_order(key), curve, (other,), draft_seconds, per_draft)[0]
     drops = np.flatnonzero(np.diff(theta) <= 0)  # m where admitting candidate m+1 does not help
-    m = int(drops[0]) if drops.size else order.size
-    return lengths_of(order, m, a.shape[0], a.shape[1])
+    return int(drops[0]) if drops.size else a.size
 
 
 def global_capacity(a: np.ndarray, curve: ThroughputCurve, other: int = 0) -> int:

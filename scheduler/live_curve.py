@@ -41,7 +41,7 @@ class LiveCurve:
         if tokens < 1 or not seconds > 0:
             return
         if drafts > 0:
-            expected = 1.0 / float(self.curve.scaled(self.factors()).sps(tokens))  # t̂(B)
+            expected = 1.0 / float(self.corrected().sps(tokens))  # t̂(B)
             self.beta += self.rate * ((seconds - expected) / drafts - self.beta)
             return
         r = float(np.log(seconds * self.curve.sps(tokens)))
@@ -62,6 +62,10 @@ class LiveCurve:
     def draft_seconds(self) -> float:
         """max(β, 0): what one verified draft adds to a step beyond the corrected curve."""
         return max(self.beta, 0.0)
+
+    def corrected(self) -> ThroughputCurve:
+        """The profiled curve with every size's steps/s multiplied by its factor."""
+        return self.curve.scaled(self.factors())
 
     def factors(self) -> np.ndarray:
         """[n] exp(−ρ_i): what to multiply each profiled steps/s by (1 before any step)."""

@@ -9,7 +9,9 @@ Every round t the engine calls lengths(confidences [R, γ], γ, R). The policy
     3. takes the capacity K computed from snapshot t − lag (lag = 2, DSPARK.md §5), the one the
        process answered for the X nearest this round's other tokens (prefill chunks). When that
        answer has not arrived, it takes the newest answer it has from before (a "late round");
-       before any answer exists (start-up) it verifies full blocks;
+       before any answer exists (start-up) it verifies full blocks. With
+       PolicyConfig(capacity="current") K is instead Algorithm 1's early stop on this round's
+       own a, X, d and β (allocate.py early_stop_capacity): lossless too, never stale;
     4. admits the K current candidates of highest a (top_k_lengths): ℓ [R], Σ ℓ = min(K, Rγ);
        survival weighted by each request's SLA-floor priority (≥ 1; engine/speculator.py).
 The snapshot also carries the round's drafting time d, so the process weighs it too, and the
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scheduler.allocate import top_k_lengths
+from scheduler.allocate import early_stop_capacity, top_k_lengths
 from scheduler.calibration import Calibration, OnlineCalibration
 from scheduler.live_curve import LiveCurve
 from scheduler.process import DIED, Answer, SchedulerProcess
@@ -48,6 +50,9 @@ from scheduler.served_calibration import ServedCalibration
 from scheduler.throughput import ThroughputCurve
 
 log = logging.getLogger("dspark.scheduler")
+
+
+CAPACITY_MODES = ("lagged", "current")
 
 
 @dataclass(frozen=True)
@@ -60,10 +65,19 @@ class PolicyConfig:
     min_restart_interval_s: float = 1.0
     draft_cost: bool = True  # weigh the drafting time (False: the paper's Θ = E · SPS(B))
     live_curve: bool = True  # correct the profiled curve by measured step times (observe_step)
+    # where this round's K comes from: "lagged", the process's global search on snapshot
+    # t − lag (DSPARK.md §5's production variant: the step size is known before the round,
+    # cliffs of a CUDA-graph staircase are jumped); "current", Algorithm 1's early stop on
+    # this round's own survival, X, d and β, computed here (an eager engine, whose curve is
+    # smooth: no stale K; replayed on recorded greedy rounds, +1.5-5.8% Θ at c1-c32)
+    capacity: str = "lagged"
 
     def __post_init__(self) -> None:
         if self.lag < 1:
             raise ValueError("lag must be >= 1: a round's own snapshot is never answered in time")
+        if self.capacity not in CAPACITY_MODES:
+            raise ValueError(f"capacity must be one of {', '.join(CAPACITY_MODES)}, "
+                             f"got {self.capacity!r}")
 
 
 @dataclass(frozen=True)
@@ -126,6 +140,11 @@ class PrefixSchedulerPolicy:
             self.capacity = a.size
             return full  # the process died: full blocks this round
         self.capacity = self._capacity_for(t, a.size, other_tokens)
+        if self.config.capacity == "current":
+            live = self.live
+            self.capacity = early_stop_capacity(
+                a, self.curve if live is None else live.corrected(), other_tokens, d,
+                0.0 if live is None else live.draft_seconds(), priority)
         return top_k_lengths(a, self.capacity, priority)
 
     def drafting(self, other_tokens: int = 0) -> bool:

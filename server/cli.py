@@ -44,6 +44,11 @@ def _serve_args(sub) -> None:
                    "temperatures even when served acceptance drifts from them")
     p.add_argument("--no-draft-cost", action="store_true", help="the paper's scheduler "
                    "objective: ignore the drafting time, and never stop drafting to save it")
+    p.add_argument("--scheduler-capacity", choices=("lagged", "current"), default="lagged",
+                   help="lagged: verify the capacity the scheduler process found on the "
+                   "confidences of two rounds earlier (the paper's production variant); current: "
+                   "Algorithm 1's early stop on each round's own confidences (eager engines: no "
+                   "stale capacity; both lossless)")
     p.add_argument("--draft-guard", action="store_true", help="stop drafting at a batch size "
                    "where drafted rounds realize fewer tokens/s than plain ones, even when the "
                    "scheduler's model says drafting pays (probes aside)")
@@ -170,6 +175,7 @@ def engine_config(args) -> EngineConfig:
         draft_skip_after=getattr(args, "draft_skip_after", 2),
         recalibrate=not getattr(args, "no_recalibrate", False),
         draft_cost=not getattr(args, "no_draft_cost", False),
+        scheduler_capacity=getattr(args, "scheduler_capacity", "lagged"),
         draft_guard=getattr(args, "draft_guard", False),
         cuda_graphs=not getattr(args, "no_cuda_graphs", False))
 

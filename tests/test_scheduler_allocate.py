@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from scheduler.allocate import (candidate_order, capacities_and_drafting, global_capacity,
-                                greedy_lengths, grid_index, random_survival, solver_seconds,
+from scheduler.allocate import (candidate_order, capacities_and_drafting,
+                                early_stop_capacity, global_capacity, greedy_lengths, grid_index, random_survival, solver_seconds,
                                 throughput_path, throughput_paths, top_k_lengths)
 from scheduler.throughput import ThroughputCurve
 
@@ -208,6 +208,42 @@ def test_sla_priority_with_an_older_capacity_keeps_the_target_distribution():
         for k in (1, 2, 3):
             got = output_distribution(lambda a: top_k_lengths(a, k, np.array(lagging)))
             np.testing.assert_allclose(got, target_distribution(), atol=1e-12)
+
+
+def test_early_stop_with_the_rounds_costs_and_priority_keeps_the_target_distribution():
+    """The engine's synchronous Algorithm 1 (early_stop_capacity): this round's X, d, β and an
+    SLA-floor priority change where it stops, never the output distribution."""
+    seen = set()
+    for other, d, beta in ((0, 0.0, 0.0), (2, 0.0, 0.0), (0, 0.4, 0.0), (0, 0.0, 0.2)):
+        for lagging in (None, np.array([1.0, 2.5]), np.array([3.0, 1.0])):
+            def policy(a):
+                m = early_stop_capacity(a, CLIFF, other, d, beta, lagging)
+                lengths = top_k_lengths(a, m, lagging)
+                seen.add((other, d, beta, tuple(lengths)))
+                return lengths
+
+            np.testing.assert_allclose(output_distribution(policy), target_distribution(),
+                                       atol=1e-12)
+    assert len({key[-1] for key in seen}) > 2  # the stops did move with the drafts and costs
+
+
+def test_early_stop_capacity_by_hand():
+    """test_greedy_by_hand's round: the count is Algorithm 1's. A sunk drafting time d = 0.1 s
+    makes time cheaper relative to it: Θ_m = E_m / (1/SPS(B_m) + d) = 2/.2, 2.9/.225,
+    3.7/.225, 4.15/.2667, 4.35/.2667 = 10, 12.9, 16.4, 15.6, 16.3: still 2. With SPS(5) = 7.2
+    the third candidate, A's second draft (.45), pays: Θ_3 = 4.15·7.2 = 29.88 > 29.6, then
+    4.35·6 = 26.1 -> 3. With SLA weights [1, 4] B's second draft (key .8) ranks third
+    instead, and its true survival .2 does not pay: 3.9·7.2 = 28.08 < 29.6 -> 2."""
+    curve = ThroughputCurve((2, 4, 6), (10.0, 8.0, 6.0))
+    a = np.array([[0.9, 0.45], [0.8, 0.2]])
+    assert early_stop_capacity(a, curve) == int(greedy_lengths(a, curve).sum()) == 2
+    assert early_stop_capacity(a, curve, draft_seconds=0.1) == 2
+    step = ThroughputCurve((2, 4, 5, 6), (10.0, 8.0, 7.2, 6.0))
+    assert early_stop_capacity(a, step) == 3
+    assert early_stop_capacity(a, step, priority=np.array([1.0, 4.0])) == 2
+    flat = ThroughputCurve((2, 4, 6), (10.0, 10.0, 10.0))
+    assert early_stop_capacity(a, flat) == 4  # no cost: everything
+    assert early_stop_capacity(a, flat, per_draft=1.0) == 0  # a verified draft costs 1 s
 
 
 def test_global_search_on_current_confidences_is_biased():

@@ -111,6 +111,27 @@ def test_capacity_comes_from_two_rounds_earlier(policy):
     assert policy.stats().late_rounds == 0 and policy.stats().restarts == 0
 
 
+def test_a_current_capacity_is_algorithm_1_on_the_rounds_own_survival():
+    """capacity="current": from the first round on, each round admits what Algorithm 1's early
+    stop admits on its own survival, X and drafting time, whatever the process answered."""
+    from scheduler.allocate import early_stop_capacity
+
+    with PrefixSchedulerPolicy(CURVE, config=PolicyConfig(capacity="current",
+                                                          live_curve=False)) as policy:
+        stops = []
+        for t in range(6):
+            c, other, d = confidences(t), 8 * t, 0.002 * t
+            a = np.cumprod(c, axis=1)
+            m = early_stop_capacity(a, CURVE, other, d)
+            lengths = policy.lengths(c, GAMMA, R, other_tokens=other, draft_seconds=d)
+            assert lengths.tolist() == top_k_lengths(a, m).tolist()
+            assert policy.stats().capacity == m
+            stops.append(m)
+            assert policy.wait(policy.round - 1, WAIT)
+        # varied, and no start-up full blocks: round 0 stopped early where "lagged" verifies all
+        assert len(set(stops)) > 1 and stops[0] < R * GAMMA
+
+
 def test_a_round_reads_the_answer_for_its_own_other_tokens(policy):
     """A capacity fitted to a round with a 512-token prefill chunk (drafts ride almost free)
     is not applied to a pure decode round two rounds later, nor the other way round."""
@@ -255,6 +276,8 @@ def test_observe_reports_online_calibration_error(policy):
 def test_config_is_validated():
     with pytest.raises(ValueError):
         PolicyConfig(lag=0)
+    with pytest.raises(ValueError, match="capacity"):
+        PolicyConfig(capacity="later")
 
 
 # ---- plugged into the engine -------------------------------------------------------------------
@@ -270,10 +293,12 @@ class SettledPolicy(PrefixSchedulerPolicy):
         return out
 
 
-def test_engine_with_the_scheduler_policy_stays_lossless(tiny_llama_dir):
+@pytest.mark.parametrize("capacity", ["lagged", "current"])
+def test_engine_with_the_scheduler_policy_stays_lossless(tiny_llama_dir, capacity):
     """The policy through engine/allocation.py's interface inside real speculative rounds
     (tiny random target, random DSpark drafter with a confidence head): greedy output is the
-    target's own, and the lengths the engine verified varied with the confidences."""
+    target's own, and the lengths the engine verified varied with the confidences; with the
+    capacity from two rounds earlier and with Algorithm 1 on each round's own."""
     import torch
 
     from engine.config import EngineConfig
@@ -289,7 +314,7 @@ def test_engine_with_the_scheduler_policy_stays_lossless(tiny_llama_dir):
     reference = EngineCore.from_config(cfg).generate(prompts, params)
     core = EngineCore.from_config(cfg)
     curve = ThroughputCurve((2, 4, 8, 16, 24), (10.0, 9.5, 9.0, 7.0, 5.0))
-    with SettledPolicy(curve) as policy:
+    with SettledPolicy(curve, config=PolicyConfig(capacity=capacity)) as policy:
         core.enable_speculation(drafter_for(core, "dspark", "markov"), policy)
         assert core.generate(prompts, params) == reference
         assert policy.stats().rounds > 2
