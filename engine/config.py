@@ -81,6 +81,7 @@ class ModelConfig:
 
 
 SPEC_METHODS = ("none", "dspark", "dflash", "eagle3", "mtp1")
+SCHEDULER_CAPACITIES = ("lagged", "current")  # scheduler/policy.py PolicyConfig.capacity
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.spec_method not in SPEC_METHODS:
             raise ValueError(f"method must be one of {SPEC_METHODS}, got {self.spec_method!r}")
-        if self.scheduler_capacity not in ("lagged", "current"):
-            raise ValueError("scheduler capacity must be lagged or current, got "
+        if self.scheduler_capacity not in SCHEDULER_CAPACITIES:
+            raise ValueError(f"scheduler capacity must be one of {SCHEDULER_CAPACITIES}, got "
                              f"{self.scheduler_capacity!r}")
         if self.allocation not in ("auto", "scheduler", "fixed"):
             raise ValueError(f"allocation must be auto, scheduler or fixed, got {self.allocation!r}")

@@ -139,13 +139,17 @@ class PrefixSchedulerPolicy:
         if not self._exchange(t, a, d):
             self.capacity = a.size
             return full  # the process died: full blocks this round
-        self.capacity = self._capacity_for(t, a.size, other_tokens)
-        if self.config.capacity == "current":
-            live = self.live
-            self.capacity = early_stop_capacity(
-                a, self.curve if live is None else live.corrected(), other_tokens, d,
-                0.0 if live is None else live.draft_seconds(), priority)
+        lagged = self._capacity_for(t, a.size, other_tokens)  # also takes in the answers due
+        self.capacity = (lagged if self.config.capacity == "lagged"
+                         else self._early_stop(a, other_tokens, d, priority))
         return top_k_lengths(a, self.capacity, priority)
+
+    def _early_stop(self, a: np.ndarray, other: int, d: float, priority: np.ndarray | None) -> int:
+        """capacity="current": Algorithm 1's count on this round's survival, X and d, on the
+        curve as corrected while serving, with its per-draft cost β."""
+        live = self.live
+        return early_stop_capacity(a, self.curve if live is None else live.corrected(), other, d,
+                                   0.0 if live is None else live.draft_seconds(), priority)
 
     def drafting(self, other_tokens: int = 0) -> bool:
         """Does the newest answer say drafting pays at this X (the forward's tokens besides the

@@ -12,7 +12,7 @@ import sys
 
 from drafters import cli as drafter_commands
 from scheduler import cli as scheduler_commands
-from engine.config import DTYPES, SPEC_METHODS, EngineConfig
+from engine.config import DTYPES, SCHEDULER_CAPACITIES, SPEC_METHODS, EngineConfig
 
 
 def _serve_args(sub) -> None:
@@ -44,7 +44,7 @@ def _serve_args(sub) -> None:
                    "temperatures even when served acceptance drifts from them")
     p.add_argument("--no-draft-cost", action="store_true", help="the paper's scheduler "
                    "objective: ignore the drafting time, and never stop drafting to save it")
-    p.add_argument("--scheduler-capacity", choices=("lagged", "current"), default="lagged",
+    p.add_argument("--scheduler-capacity", choices=SCHEDULER_CAPACITIES, default="lagged",
                    help="lagged: verify the capacity the scheduler process found on the "
                    "confidences of two rounds earlier (the paper's production variant); current: "
                    "Algorithm 1's early stop on each round's own confidences (eager engines: no "
