@@ -51,6 +51,7 @@ class SlaBenchConfig:
     strict_share: float = 0.9
     moderate_share: float = 0.6
     repeats: int = 1  # runs of each level per method, interleaved; figures are their medians
+    scheduler_capacity: str = "lagged"  # dspark+scheduler's K (engine/config.py SCHEDULER_CAPACITIES)
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
@@ -62,7 +63,8 @@ def _core(cfg: SlaBenchConfig, name: str) -> EngineCore:
     drafter = f"{cfg.drafter_dir}/{method}" if cfg.drafter_dir and method != "none" else ""
     return EngineCore.from_config(EngineConfig(
         model=cfg.model, dtype=cfg.dtype, spec_method=method, drafter=drafter,
-        allocation=allocation, max_num_seqs=max(cfg.levels), kv_cache_tokens=32768,
+        allocation=allocation, scheduler_capacity=cfg.scheduler_capacity,
+        max_num_seqs=max(cfg.levels), kv_cache_tokens=32768,
         max_num_batched_tokens=max(512, max(cfg.levels) * 8)))
 
 
@@ -123,7 +125,8 @@ def bench_sla(cfg: SlaBenchConfig) -> dict:
     text = TextProcessor.from_dir(probe.tokenizer_dir)
     prompts = bench_prompts_for(text, max(cfg.levels), probe.max_model_len, cfg.max_tokens)
     result: dict = {"max_tokens": cfg.max_tokens, "levels": list(cfg.levels),
-                    "repeats": cfg.repeats, "model": probe.model_cfg.name,
+                    "repeats": cfg.repeats, "scheduler_capacity": cfg.scheduler_capacity,
+                    "model": probe.model_cfg.name,
                     "dtype": str(probe.runner.dtype).removeprefix("torch.")}
     del probe
     result["methods"], result["aggregate_repeats"] = run_methods(cfg, prompts)

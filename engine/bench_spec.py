@@ -51,6 +51,7 @@ class SpecBenchConfig:
     prompts_file: str = ""  # JSONL of {"domain", "prompt"} instead of the held-out sets
     cuda_graphs: bool = True  # on a GPU: replay captured graphs (False: every step eager)
     draft_guard: bool = False  # the scheduler's engines with the draft guard (engine/draft_guard.py)
+    scheduler_capacity: str = "lagged"  # the scheduler's K (engine/config.py SCHEDULER_CAPACITIES)
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
@@ -114,7 +115,8 @@ def _core(cfg: SpecBenchConfig, method: str, dtype: str) -> EngineCore:
     return EngineCore.from_config(EngineConfig(model=cfg.model, dtype=dtype, spec_method=method,
                                                drafter=drafter, max_num_seqs=8,
                                                kv_cache_tokens=16384, cuda_graphs=cfg.cuda_graphs,
-                                               draft_guard=cfg.draft_guard))
+                                               draft_guard=cfg.draft_guard,
+                                               scheduler_capacity=cfg.scheduler_capacity))
 
 
 HF = "hf_prompt_lookup"
@@ -212,6 +214,7 @@ def bench_spec(cfg: SpecBenchConfig) -> dict:
     from server.text import TextProcessor
 
     result: dict = {"dtype": cfg.dtype, "max_tokens": cfg.max_tokens, "repeats": cfg.repeats,
+                    "draft_guard": cfg.draft_guard, "scheduler_capacity": cfg.scheduler_capacity,
                     "methods": {}}
     cores = {method: _core(cfg, method, cfg.dtype) for method in cfg.methods}
     try:

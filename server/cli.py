@@ -100,6 +100,8 @@ def _bench_args(sub) -> None:
     s.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, run every step eagerly")
     s.add_argument("--draft-guard", action="store_true", help="dspark with the draft guard "
                    "(as `serve --draft-guard`)")
+    s.add_argument("--scheduler-capacity", choices=SCHEDULER_CAPACITIES, default="lagged",
+                   help="the scheduler's capacity (as `serve --scheduler-capacity`)")
     s.add_argument("--json", default=None, help="write the results here")
     a = which.add_parser("sla", help="per-user speed vs aggregate throughput under load, per method",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -111,6 +113,8 @@ def _bench_args(sub) -> None:
                    "methods interleaved; each figure is the median of its runs")
     a.add_argument("--json", default=None, help="write the results here")
     a.add_argument("--plot", default=None, help="PNG of the speed/throughput frontier")
+    a.add_argument("--scheduler-capacity", choices=SCHEDULER_CAPACITIES, default="lagged",
+                   help="dspark+scheduler's capacity (as `serve --scheduler-capacity`)")
     c = which.add_parser("scheduler", help="SLA floors, draft skipping and online recalibration "
                          "against the plain scheduler", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("--model", default="")
@@ -256,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             from engine.bench_sla import SlaBenchConfig, main as sla_main
 
             sla_main(SlaBenchConfig(model=args.model, dtype=args.dtype, max_tokens=args.max_tokens,
-                                    levels=_levels(args.levels), repeats=args.repeats),
+                                    levels=_levels(args.levels), repeats=args.repeats,
+                                    scheduler_capacity=args.scheduler_capacity),
                      args.json, args.plot)
         elif args.command == "bench" and args.bench == "scheduler":
             from engine.bench_scheduler import SchedulerBenchConfig, main as scheduler_main
@@ -275,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                                       check_identical=not args.no_identical,
                                       prompts_file=args.prompts, **_bench_methods(args.methods),
                                       cuda_graphs=not args.no_cuda_graphs,
-                                      draft_guard=args.draft_guard), args.json)
+                                      draft_guard=args.draft_guard,
+                                      scheduler_capacity=args.scheduler_capacity), args.json)
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - one line for the user, not a traceback
