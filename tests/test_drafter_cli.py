@@ -154,6 +154,16 @@ def test_a_time_budget_replaces_the_step_count(trained, tmp_path):
     assert (tmp_path / "d" / "weights.safetensors").read_bytes() == before
 
 
+def test_training_on_several_data_directories_records_them_all(trained, tmp_path):
+    root, model = trained
+    data = str(root / "data")
+    assert main(["train", "drafter", "--model", model, "--data", data, "--data", data,
+                 "--out", str(tmp_path / "d"), "--method", "mtp1", "--steps", "2",
+                 "--seqs-per-step", "2", "--anchors-per-seq", "4", "--draft-vocab", "100",
+                 "--num-threads", "1"]) == 0
+    assert read_drafter_config(tmp_path / "d")[1]["train"]["data_dirs"] == [data, data]
+
+
 def test_the_time_schedule_warms_up_then_decays_to_zero():
     from drafters.train import lr_factor, time_lr_factor
 
