@@ -10,11 +10,15 @@ prompts, greedy), each variant differing from `plain` in one setting:
     guard        (g) the draft guard: no drafting at a batch size where drafted rounds realize
                  fewer tokens/s than plain ones, probes aside (EngineConfig.draft_guard)
     floors       (a) every request has the SLA floor F = the per-user tok/s that a quarter of
-                 `plain`'s requests fell below (its p25); a request below F has its drafts'
-                 survival weighted by F / its recent speed
+                 `plain`'s requests fell below (its p25, first pass); a request below F has its
+                 drafts' survival weighted by F / its recent speed
+    current      (i) the capacity from each round's own confidences (Algorithm 1's early stop,
+                 EngineConfig.scheduler_capacity="current") instead of two rounds old
     plain-again  `plain` once more, last: the run-to-run noise of this machine
-Reported per variant: per-user tok/s (p10, median), the share of requests at or above F,
-aggregate tok/s, mean verification length, draft skips.
+`--variants` runs a subset (plain always runs: it is every ratio's baseline); `--repeats` makes
+that many passes, the variants interleaved in each. Reported per variant: per-user tok/s (p10,
+median), the share of requests at or above F, aggregate tok/s, mean verification length, draft
+skips — each the median over passes (p10 and the share over every pass's requests).
 (c) online recalibration, by replay (scheduler/replay.py): full-block rounds recorded at
 temperature 0 on held-out prompts are served through the production allocation with
     shipped      the drafter's calibration.json (fitted on temperature-1 rounds)
@@ -42,7 +46,7 @@ from engine.bench_spec import closed_loop
 from engine.config import EngineConfig
 from engine.core import EngineCore, throughput_curve
 
-VARIANTS = ("plain", "skip", "cost", "guard", "floors", "plain-again")
+VARIANTS = ("plain", "skip", "cost", "guard", "floors", "current", "plain-again")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class SchedulerBenchConfig:
     replay_per_domain: int = 16  # held-out prompts per domain recorded for the replay
     replay_max_tokens: int = 128
     floor_quantile: float = 0.25  # F = this quantile of plain's per-user speeds
+    variants: tuple[str, ...] = VARIANTS  # plain always runs
+    repeats: int = 1  # passes over the variants
 
 
 def _core(cfg: SchedulerBenchConfig, variant: str, floor: float = 0.0) -> EngineCore:
@@ -64,6 +70,7 @@ def _core(cfg: SchedulerBenchConfig, variant: str, floor: float = 0.0) -> Engine
         max_num_batched_tokens=max(512, cfg.concurrency * 8), recalibrate=False,
         draft_skip_after=2 if variant == "skip" else 0, draft_cost=variant == "cost",
         draft_guard=variant == "guard",
+        scheduler_capacity="current" if variant == "current" else "lagged",
         sla_tps=floor if variant == "floors" else 0.0))
 
 
@@ -80,23 +87,35 @@ def run_variant(cfg: SchedulerBenchConfig, variant: str, prompts: list[list[int]
         core.close()
     rounds = sum(after.verify_length_counts) - sum(before.verify_length_counts)
     tokens = after.num_draft_tokens - before.num_draft_tokens
-    return {**stats, "p10_user_tps": round(float(np.quantile(speeds, 0.1)), 2),
-            "speeds": [round(s, 2) for s in speeds],
+    return {**stats, "speeds": [round(s, 2) for s in speeds],
             "mean_verify_len": round(tokens / rounds, 3) if rounds else 0.0,
             "draft_skips": after.num_draft_skips - before.num_draft_skips,
             "sla_priority_rounds": after.num_sla_priority - before.num_sla_priority}
 
 
 def engine_variants(cfg: SchedulerBenchConfig, prompts: list[list[int]]) -> dict:
-    rows: dict = {}
+    names = [v for v in VARIANTS if v == "plain" or v in cfg.variants]
+    runs: dict[str, list[dict]] = {name: [] for name in names}
     floor = 0.0
-    for variant in VARIANTS:
-        rows[variant] = run_variant(cfg, variant, prompts, floor)
-        if variant == "plain":
-            floor = round(float(np.quantile(rows["plain"]["speeds"], cfg.floor_quantile)), 2)
-    for row in rows.values():
-        row["share_at_floor"] = round(sum(s >= floor for s in row["speeds"]) / len(row["speeds"]), 3)
-    return {"floor_tps": floor, "variants": rows}
+    for _ in range(cfg.repeats):
+        for variant in names:
+            runs[variant].append(run_variant(cfg, variant, prompts, floor))
+            if variant == "plain" and not floor:
+                floor = round(float(np.quantile(runs["plain"][0]["speeds"], cfg.floor_quantile)), 2)
+    rows = {name: _median_row(passes, floor) for name, passes in runs.items()}
+    return {"floor_tps": floor, "repeats": cfg.repeats, "variants": rows}
+
+
+def _median_row(passes: list[dict], floor: float) -> dict:
+    """One variant's passes -> medians; p10 and the share at the floor over all its requests."""
+    speeds = [s for p in passes for s in p["speeds"]]
+    row = {key: round(float(np.median([p[key] for p in passes])), 3) for key in
+           ("per_user_tps", "aggregate_tps", "mean_verify_len")}
+    row.update({key: sum(p[key] for p in passes) for key in ("draft_skips", "sla_priority_rounds")})
+    row.update(p10_user_tps=round(float(np.quantile(speeds, 0.1)), 2), speeds=speeds,
+               share_at_floor=round(sum(s >= floor for s in speeds) / len(speeds), 3),
+               aggregate_runs=[p["aggregate_tps"] for p in passes])
+    return row
 
 
 def recalibration_replay(cfg: SchedulerBenchConfig) -> dict:
@@ -156,20 +175,27 @@ def bench_scheduler(cfg: SchedulerBenchConfig) -> dict:
     prompts = [pool[i % len(pool)] for i in range(2 * cfg.concurrency)]
     result = {"model": probe.model_cfg.name, "concurrency": cfg.concurrency,
               "max_tokens": cfg.max_tokens, "engine": engine_variants(cfg, prompts),
-              "recalibration": recalibration_replay(cfg)}
+              "recalibration": recalibration_replay(cfg) if cfg.replay_per_domain else None}
     _ratios(result)
     return result
 
 
 def _ratios(result: dict) -> None:
+    """Each variant's figure ÷ plain's (those that ran), and the replay's without -> with."""
     v = result["engine"]["variants"]
-    result["skip_aggregate_ratio"] = round(v["skip"]["aggregate_tps"] / v["plain"]["aggregate_tps"], 3)
-    result["cost_aggregate_ratio"] = round(v["cost"]["aggregate_tps"] / v["plain"]["aggregate_tps"], 3)
-    result["guard_aggregate_ratio"] = round(v["guard"]["aggregate_tps"] / v["plain"]["aggregate_tps"], 3)
-    result["floors_p10_ratio"] = round(v["floors"]["p10_user_tps"] / v["plain"]["p10_user_tps"], 3)
-    result["floors_share_gain"] = round(v["floors"]["share_at_floor"] - v["plain"]["share_at_floor"], 3)
-    result["noise_aggregate_ratio"] = round(
-        v["plain-again"]["aggregate_tps"] / v["plain"]["aggregate_tps"], 3)
+    ratio = {"skip": "aggregate_tps", "cost": "aggregate_tps", "guard": "aggregate_tps",
+             "floors": "p10_user_tps", "current": "aggregate_tps", "plain-again": "aggregate_tps"}
+    for name, key in ratio.items():
+        if name in v:
+            label = "noise" if name == "plain-again" else name
+            result[f"{label}_{key.split('_')[0]}_ratio"] = round(v[name][key] / v["plain"][key], 3)
+    if "floors" in v:
+        result["floors_share_gain"] = round(v["floors"]["share_at_floor"] - v["plain"]["share_at_floor"], 3)
+    if "current" in v:
+        result["current_per_user_ratio"] = round(
+            v["current"]["per_user_tps"] / v["plain"]["per_user_tps"], 3)
+    if result["recalibration"] is None:
+        return
     r = result["recalibration"]["variants"]
     for base in ("shipped", "identity", "drifted"):  # Θ ratio and held-out ECE, without -> with
         on = r[f"{base}+online"]
@@ -188,21 +214,30 @@ def print_table(result: dict) -> None:
               f"{row['share_at_floor']:>9.2f} {row['aggregate_tps']:>10.1f} "
               f"{row['mean_verify_len']:>10.2f} {row['draft_skips']:>6d}")
     r = result["recalibration"]
-    print(f"recalibration replay: {r['rounds_replayed']} temperature-0 rounds at concurrency "
-          f"{result['concurrency']}")
-    print(f"{'calibration':>16} {'theta tok/s':>12} {'tok/round':>10} {'verify len':>10} "
-          f"{'held-out ECE':>13} {'refits':>7}")
-    for name, row in r["variants"].items():
-        print(f"{name:>16} {row['tokens_per_second']:>12.2f} {row['tokens_per_round']:>10.3f} "
-              f"{row['mean_verify_len']:>10.2f} {100 * row['heldout_ece']:>12.2f}% {row['refits']:>7d}")
+    if r is not None:
+        _print_replay(r, result["concurrency"])
     for key, value in result.items():  # the figures _ratios added
         if key not in ("model", "concurrency", "max_tokens", "engine", "recalibration"):
             print(f"{key}: {value}")
 
 
+def _print_replay(r: dict, concurrency: int) -> None:
+    print(f"recalibration replay: {r['rounds_replayed']} temperature-0 rounds at concurrency "
+          f"{concurrency}")
+    print(f"{'calibration':>16} {'theta tok/s':>12} {'tok/round':>10} {'verify len':>10} "
+          f"{'held-out ECE':>13} {'refits':>7}")
+    for name, row in r["variants"].items():
+        print(f"{name:>16} {row['tokens_per_second']:>12.2f} {row['tokens_per_round']:>10.3f} "
+              f"{row['mean_verify_len']:>10.2f} {100 * row['heldout_ece']:>12.2f}% {row['refits']:>7d}")
+
+
 def main(cfg: SchedulerBenchConfig, json_path: str | None) -> dict:
-    if cfg.concurrency < 1 or cfg.max_tokens < 2:
-        raise ValueError("--concurrency must be >= 1 and --max-tokens >= 2")
+    if cfg.concurrency < 1 or cfg.max_tokens < 2 or cfg.repeats < 1 or cfg.replay_per_domain < 0:
+        raise ValueError("--concurrency and --repeats must be >= 1, --max-tokens >= 2 and "
+                         "--replay-per-domain >= 0")
+    unknown = set(cfg.variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     result = bench_scheduler(cfg)
     print_table(result)
     if json_path:

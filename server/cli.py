@@ -123,8 +123,20 @@ def _bench_args(sub) -> None:
     c.add_argument("--concurrency", type=int, default=16)
     c.add_argument("--max-tokens", type=int, default=48)
     c.add_argument("--replay-per-domain", type=int, default=16,
-                   help="held-out prompts per domain recorded for the recalibration replay")
+                   help="held-out prompts per domain recorded for the recalibration replay "
+                   "(0: no replay)")
+    c.add_argument("--variants", default="", help="comma-separated engine variants to run, of "
+                   "plain,skip,cost,guard,floors,current,plain-again (default: all; plain "
+                   "always runs)")
+    c.add_argument("--repeats", type=int, default=1,
+                   help="passes over the variants, interleaved; each figure is their median")
     c.add_argument("--json", default=None, help="write the results here")
+
+
+def _variants(text: str) -> dict:
+    """--variants -> SchedulerBenchConfig's keyword (none: the config's default, all)."""
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    return {"variants": names} if names else {}
 
 
 def _levels(text: str) -> tuple[int, ...]:
@@ -269,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             scheduler_main(SchedulerBenchConfig(
                 model=args.model, dtype=args.dtype, drafter=args.drafter,
                 concurrency=args.concurrency, max_tokens=args.max_tokens,
-                replay_per_domain=args.replay_per_domain), args.json)
+                replay_per_domain=args.replay_per_domain, repeats=args.repeats,
+                **_variants(args.variants)), args.json)
         elif args.command == "bench" and args.bench == "spec":
             from engine.bench_spec import SpecBenchConfig, main as spec_main
 

@@ -41,8 +41,42 @@ def test_bench_scheduler_fields(tiny_llama_dir, tmp_path, monkeypatch):
                              "drifted+online", "oracle", "oracle-conf"}
     assert all(r["tokens_per_second"] > 0 and r["tokens_per_round"] >= 1 for r in replayed.values())
     for key in ("skip_aggregate_ratio", "cost_aggregate_ratio", "guard_aggregate_ratio",
-                "floors_p10_ratio", "online_vs_identity_theta"):
+                "floors_p10_ratio", "current_aggregate_ratio", "noise_aggregate_ratio",
+                "online_vs_identity_theta"):
         assert result[key] > 0
+
+
+def test_bench_scheduler_subset_repeats(tiny_llama_dir, tmp_path, monkeypatch):
+    """--variants current --repeats 2 --replay-per-domain 0: plain and current, two passes
+    each, interleaved; only `current` runs with the round's own capacity; no replay."""
+    import engine.bench_scheduler as bench
+
+    monkeypatch.setenv("DSPARK_CACHE", str(tmp_path / "cache"))
+    core = EngineCore.from_config(EngineConfig(model=str(tiny_llama_dir), dtype="float32"))
+    drafter = save_drafter(drafter_for(core, "dspark", "markov"), tmp_path / "dspark")
+    made = []
+    real_core = bench._core
+
+    def spy(cfg, variant, floor=0.0):
+        engine = real_core(cfg, variant, floor)
+        made.append((variant, engine.config.scheduler_capacity))
+        return engine
+
+    monkeypatch.setattr(bench, "_core", spy)
+    result = main(SchedulerBenchConfig(model=str(tiny_llama_dir), dtype="float32", concurrency=2,
+                                       max_tokens=6, drafter=str(drafter), replay_per_domain=0,
+                                       variants=("current",), repeats=2), None)
+    assert made == [("plain", "lagged"), ("current", "current")] * 2
+    rows = result["engine"]["variants"]
+    assert tuple(rows) == ("plain", "current") and result["recalibration"] is None
+    for row in rows.values():
+        assert len(row["aggregate_runs"]) == 2 and len(row["speeds"]) == 8
+        assert row["aggregate_tps"] == pytest.approx(float(np.median(row["aggregate_runs"])), abs=1e-3)
+    assert result["current_aggregate_ratio"] == pytest.approx(
+        rows["current"]["aggregate_tps"] / rows["plain"]["aggregate_tps"], abs=1e-3)
+    assert "skip_aggregate_ratio" not in result and "online_vs_shipped_theta" not in result
+    with pytest.raises(ValueError, match="unknown variants"):
+        main(SchedulerBenchConfig(model=str(tiny_llama_dir), variants=("fast",)), None)
 
 
 def test_replay_accounting_by_hand():
