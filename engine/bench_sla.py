@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from engine.bench_spec import bench_prompts, closed_loop, paired_ratio, run_order
 from engine.config import EngineConfig
-from engine.core import EngineCore
+from engine.core import EngineCore, scheduler_capacity
 
 LEVELS = (1, 2, 4, 8, 16, 32)
 # prompts a level runs at least: c1 over 4 prompts lasted ~8 s, short enough for the machine's
@@ -51,7 +51,7 @@ class SlaBenchConfig:
     strict_share: float = 0.9
     moderate_share: float = 0.6
     repeats: int = 1  # runs of each level per method, interleaved; figures are their medians
-    scheduler_capacity: str = "lagged"  # dspark+scheduler's K (engine/config.py SCHEDULER_CAPACITIES)
+    scheduler_capacity: str = "auto"  # dspark+scheduler's K (engine/config.py SCHEDULER_CAPACITIES)
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
@@ -125,7 +125,7 @@ def bench_sla(cfg: SlaBenchConfig) -> dict:
     text = TextProcessor.from_dir(probe.tokenizer_dir)
     prompts = bench_prompts_for(text, max(cfg.levels), probe.max_model_len, cfg.max_tokens)
     result: dict = {"max_tokens": cfg.max_tokens, "levels": list(cfg.levels),
-                    "repeats": cfg.repeats, "scheduler_capacity": cfg.scheduler_capacity,
+                    "repeats": cfg.repeats, "scheduler_capacity": scheduler_capacity(probe),
                     "model": probe.model_cfg.name,
                     "dtype": str(probe.runner.dtype).removeprefix("torch.")}
     del probe

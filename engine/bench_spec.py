@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import EngineConfig
-from engine.core import EngineCore
+from engine.core import EngineCore, scheduler_capacity
 from engine.messages import AddRequest, SamplingParams
 from engine.speculator import RoundTimes
 
@@ -51,7 +51,7 @@ class SpecBenchConfig:
     prompts_file: str = ""  # JSONL of {"domain", "prompt"} instead of the held-out sets
     cuda_graphs: bool = True  # on a GPU: replay captured graphs (False: every step eager)
     draft_guard: bool = False  # the scheduler's engines with the draft guard (engine/draft_guard.py)
-    scheduler_capacity: str = "lagged"  # the scheduler's K (engine/config.py SCHEDULER_CAPACITIES)
+    scheduler_capacity: str = "auto"  # the scheduler's K (engine/config.py SCHEDULER_CAPACITIES)
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
@@ -214,13 +214,13 @@ def bench_spec(cfg: SpecBenchConfig) -> dict:
     from server.text import TextProcessor
 
     result: dict = {"dtype": cfg.dtype, "max_tokens": cfg.max_tokens, "repeats": cfg.repeats,
-                    "draft_guard": cfg.draft_guard, "scheduler_capacity": cfg.scheduler_capacity,
-                    "methods": {}}
+                    "draft_guard": cfg.draft_guard, "methods": {}}
     cores = {method: _core(cfg, method, cfg.dtype) for method in cfg.methods}
     try:
         first = next(iter(cores.values()))
         prompts = bench_prompts(cfg, TextProcessor.from_dir(first.tokenizer_dir), first.max_model_len)
         result.update(model=first.model_cfg.name, prompts=len(prompts),
+                      scheduler_capacity=scheduler_capacity(first),
                       dtype=str(first.runner.dtype).removeprefix("torch."))
         for core in cores.values():
             closed_loop(core, prompts[:2], 2, 8)  # warm-up

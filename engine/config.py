@@ -81,7 +81,7 @@ class ModelConfig:
 
 
 SPEC_METHODS = ("none", "dspark", "dflash", "eagle3", "mtp1")
-SCHEDULER_CAPACITIES = ("lagged", "current")  # scheduler/policy.py PolicyConfig.capacity
+SCHEDULER_CAPACITIES = ("auto", "lagged", "current")  # auto: current eager, lagged under graphs
 
 
 @dataclass(frozen=True)
@@ -116,9 +116,11 @@ class EngineConfig:
     draft_cost: bool = True  # the scheduler weighs drafting time and stops drafting when it
     #                          does not pay (False: the paper's objective)
     # where the scheduler's K comes from (scheduler/policy.py PolicyConfig.capacity): "lagged",
-    # the process's global search two rounds old (the paper's production variant); "current",
-    # Algorithm 1's early stop on the round's own survival (eager engines)
-    scheduler_capacity: str = "lagged"
+    # the process's global search two rounds old (the paper's production variant: a step size
+    # fixed before the round, a staircase's cliffs jumped); "current", Algorithm 1's early stop
+    # on the round's own survival (a smooth eager curve); "auto": lagged where steps replay CUDA
+    # graphs, current where they run eagerly
+    scheduler_capacity: str = "auto"
     draft_guard: bool = False  # with the scheduler: no drafting at a batch size where drafted
     #                            rounds realize fewer tokens/s than plain ones (engine/draft_guard.py;
     #                            opt-in: on the AVX2 CPU it cost c1 3-6% in two of three A/B runs)

@@ -41,9 +41,17 @@ def allocation_policy(config: EngineConfig, core: EngineCore, drafter) -> Alloca
     path = resolve_drafter_path(config.drafter or config.spec_method)
     return PrefixSchedulerPolicy(curve, load_calibration(path),
                                  PolicyConfig(draft_cost=config.draft_cost,
-                                              capacity=config.scheduler_capacity),
+                                              capacity=scheduler_capacity(core)),
                                  RecalibrationConfig() if config.recalibrate else None,
                                  greedy_calibration=load_calibration(path, greedy=True))
+
+
+def scheduler_capacity(core: EngineCore) -> str:
+    """EngineConfig.scheduler_capacity with auto resolved: lagged when steps replay CUDA graphs
+    (a staircase curve), current when they run eagerly (a smooth one, README "(i)")."""
+    if core.config.scheduler_capacity != "auto":
+        return core.config.scheduler_capacity
+    return "lagged" if core.runner.graphs is not None else "current"
 
 
 def throughput_curve(core: EngineCore, drafter):

@@ -44,11 +44,11 @@ def _serve_args(sub) -> None:
                    "temperatures even when served acceptance drifts from them")
     p.add_argument("--no-draft-cost", action="store_true", help="the paper's scheduler "
                    "objective: ignore the drafting time, and never stop drafting to save it")
-    p.add_argument("--scheduler-capacity", choices=SCHEDULER_CAPACITIES, default="lagged",
+    p.add_argument("--scheduler-capacity", choices=SCHEDULER_CAPACITIES, default="auto",
                    help="lagged: verify the capacity the scheduler process found on the "
                    "confidences of two rounds earlier (the paper's production variant); current: "
-                   "Algorithm 1's early stop on each round's own confidences (eager engines: no "
-                   "stale capacity; both lossless)")
+                   "Algorithm 1's early stop on each round's own confidences (no stale capacity; "
+                   "both lossless); auto: lagged under CUDA graphs, current where steps run eagerly")
     p.add_argument("--draft-guard", action="store_true", help="stop drafting at a batch size "
                    "where drafted rounds realize fewer tokens/s than plain ones, even when the "
                    "scheduler's model says drafting pays (probes aside)")
@@ -100,7 +100,7 @@ def _bench_args(sub) -> None:
     s.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, run every step eagerly")
     s.add_argument("--draft-guard", action="store_true", help="dspark with the draft guard "
                    "(as `serve --draft-guard`)")
-    s.add_argument("--scheduler-capacity", choices=SCHEDULER_CAPACITIES, default="lagged",
+    s.add_argument("--scheduler-capacity", choices=SCHEDULER_CAPACITIES, default="auto",
                    help="the scheduler's capacity (as `serve --scheduler-capacity`)")
     s.add_argument("--json", default=None, help="write the results here")
     a = which.add_parser("sla", help="per-user speed vs aggregate throughput under load, per method",
@@ -113,7 +113,7 @@ def _bench_args(sub) -> None:
                    "methods interleaved; each figure is the median of its runs")
     a.add_argument("--json", default=None, help="write the results here")
     a.add_argument("--plot", default=None, help="PNG of the speed/throughput frontier")
-    a.add_argument("--scheduler-capacity", choices=SCHEDULER_CAPACITIES, default="lagged",
+    a.add_argument("--scheduler-capacity", choices=SCHEDULER_CAPACITIES, default="auto",
                    help="dspark+scheduler's capacity (as `serve --scheduler-capacity`)")
     c = which.add_parser("scheduler", help="SLA floors, draft skipping and online recalibration "
                          "against the plain scheduler", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -191,7 +191,7 @@ def engine_config(args) -> EngineConfig:
         draft_skip_after=getattr(args, "draft_skip_after", 2),
         recalibrate=not getattr(args, "no_recalibrate", False),
         draft_cost=not getattr(args, "no_draft_cost", False),
-        scheduler_capacity=getattr(args, "scheduler_capacity", "lagged"),
+        scheduler_capacity=getattr(args, "scheduler_capacity", "auto"),
         draft_guard=getattr(args, "draft_guard", False),
         cuda_graphs=not getattr(args, "no_cuda_graphs", False))
 

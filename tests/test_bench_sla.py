@@ -25,7 +25,7 @@ def test_bench_sla_fields_and_plot(tiny_llama_dir, tmp_path, monkeypatch):
     result = main(SlaBenchConfig(model=str(tiny_llama_dir), dtype="float32", max_tokens=6,
                                  levels=(1, 2, 4), drafter_dir=str(tmp_path / "d"), repeats=2),
                   str(out), str(png))
-    assert result["repeats"] == 2 and result["scheduler_capacity"] == "lagged"
+    assert result["repeats"] == 2 and result["scheduler_capacity"] == "current"
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert set(result["methods"]) == {"dspark+scheduler", "dspark-fixed", "mtp1", "none"}
     for rows in result["methods"].values():

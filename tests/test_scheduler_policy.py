@@ -321,3 +321,24 @@ def test_engine_with_the_scheduler_policy_stays_lossless(tiny_llama_dir, capacit
         assert policy.live.seen.any()  # the engine reported its step times
     counts = core.stats().spec.verify_length_counts
     assert sum(1 for n in counts if n) > 1  # more than one verification length was used
+
+
+def test_auto_capacity_is_current_eagerly_and_lagged_under_graphs(tiny_llama_dir):
+    """EngineConfig.scheduler_capacity="auto" (the default): Algorithm 1 on the round's own
+    survival where steps run eagerly (this CPU), the paper's lagged capacity where they replay
+    CUDA graphs (a staircase curve); an explicit choice is kept either way."""
+    from engine.config import EngineConfig
+    from engine.core import EngineCore, scheduler_capacity
+
+    core = EngineCore.from_config(EngineConfig(model=str(tiny_llama_dir), dtype="float32"))
+    assert core.config.scheduler_capacity == "auto" and core.runner.graphs is None
+    assert scheduler_capacity(core) == "current"
+    core.runner.graphs = object()  # what a CUDA device with graphs on would hold
+    assert scheduler_capacity(core) == "lagged"
+    for explicit in ("lagged", "current"):
+        pinned = EngineCore.from_config(EngineConfig(model=str(tiny_llama_dir), dtype="float32",
+                                                     scheduler_capacity=explicit))
+        pinned.runner.graphs = object()
+        assert scheduler_capacity(pinned) == explicit
+    with pytest.raises(ValueError, match="scheduler capacity"):
+        EngineConfig(scheduler_capacity="fresh")
